@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Tokenize a corpus manifest into Arrow shards of visual sentences (see lvm.data.build)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lvm.data.build import BuildConfig, build_shards, summary_line
+from lvm.launch_env import launch_env
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = BuildConfig(manifest="", out="")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--manifest", required=True, help="JSONL manifest, one visual sentence per line")
+    p.add_argument("--out", required=True, help="output folder: train/, val/, tokenizer.json, index.json, report.json")
+    p.add_argument("--tokenizer", default=d.tokenizer,
+                   help="vqgan:<dir> (local MaskGIT/MUSE VQGAN weights), patch-kmeans:<dir>, or patch-kmeans "
+                        "(fit the embedded codebook on this corpus, saved in OUT/tokenizer)")
+    p.add_argument("--workers", type=int, default=d.workers, help="decode processes (0: decode in this process)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per tokenizer batch")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of sentence ids held out in val/")
+    p.add_argument("--sentences-per-shard", type=int, default=d.sentences_per_shard)
+    p.add_argument("--max-images", type=int, default=d.max_images, help="longer sentences are split into chunks")
+    p.add_argument("--resize", choices=["squash", "center-crop"], default=d.resize,
+                   help="squash: resize to 256x256 as LVM did; center-crop: keep aspect, crop the centre")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the embedded tokenizer's fit")
+    p.add_argument("--fit-images", type=int, default=d.fit_images, help="images the embedded tokenizer is fitted on")
+    p.add_argument("--device", default=None, help="tokenizer device (default: cuda if available, else cpu)")
+    p.add_argument("--index-only", action="store_true", help="only write index.json/report.json (after all ranks)")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    env = launch_env()
+    cfg = BuildConfig(manifest=a.manifest, out=a.out, tokenizer=a.tokenizer, workers=a.workers,
+                      batch_size=a.batch_size, val_fraction=a.val_fraction,
+                      sentences_per_shard=a.sentences_per_shard, max_images=a.max_images, resize=a.resize,
+                      seed=a.seed, fit_images=a.fit_images, rank=env.rank, world_size=env.world_size,
+                      index_only=a.index_only, device=a.device, progress=not a.no_progress)
+    try:
+        summary = build_shards(cfg, overwrite=a.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_line(summary))
+    report = summary["report"]
+    if report is not None and sum(t["sentences"] for t in report["written"].values()) == 0:
+        print("error: nothing was written: every sentence was skipped (see report.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

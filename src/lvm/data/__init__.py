@@ -1,0 +1,1 @@
+"""Data side: manifest -> visual sentences -> Arrow shards -> packed windows -> loader."""

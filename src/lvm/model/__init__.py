@@ -1,0 +1,1 @@
+"""Model side: the vocabulary layout, presets and the LlamaForCausalLM builder."""
