@@ -41,11 +41,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img).astype(np.float64)
         peak = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"

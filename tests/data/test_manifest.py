@@ -1,0 +1,43 @@
+import json
+
+from lvm.data.manifest import manifest_from_tree, read_manifest
+from lvm.data.synth import CorpusSize, make_corpus
+
+
+def test_malformed_lines_are_skipped_with_line_and_reason(mixed_corpus):
+    m = read_manifest(mixed_corpus["manifest"])
+    reasons = {s.line: s.reason for s in m.skipped}
+    assert len(m.skipped) == mixed_corpus["n_malformed_lines"]
+    assert any("malformed" in r and "JSON" not in r or "Expecting" in r or "Unterminated" in r for r in reasons.values())
+    assert any("'kind'" in r for r in reasons.values())
+    assert any("even number" in r for r in reasons.values())
+
+
+def test_long_sentences_are_chunked_to_16(mixed_corpus):
+    m = read_manifest(mixed_corpus["manifest"])
+    chunks = [s for s in m.sentences if s.id.startswith("long#")]
+    assert [len(s.images) for s in chunks] == [16, 4]
+    assert [s.id for s in chunks] == ["long#0", "long#1"]
+
+
+def test_video_longer_than_max_images_becomes_chunks(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "v", "kind": "video", "video": "a.mp4", "max_frames": 40}) + "\n")
+    m = read_manifest(tmp_path / "m.jsonl")
+    assert [(s.frame_offset, s.max_frames) for s in m.sentences] == [(0, 16), (16, 16), (32, 8)]
+
+
+def test_duplicate_ids_are_skipped(tmp_path):
+    line = json.dumps({"id": "x", "kind": "image", "images": ["a.png"]})
+    (tmp_path / "m.jsonl").write_text(line + "\n" + line + "\n")
+    m = read_manifest(tmp_path / "m.jsonl")
+    assert len(m.sentences) == 1 and "duplicate" in m.skipped[0].reason
+
+
+def test_tree_manifest_covers_every_kind(tmp_path):
+    make_corpus(tmp_path, seed=1, size=CorpusSize(videos=1, gifs=1, sequences=1, frames=3, pairs_per_task=3, images=2))
+    entries = manifest_from_tree(tmp_path, pairs_per_sentence=2)
+    kinds = sorted({e["kind"] for e in entries})
+    assert kinds == ["image", "pairs", "sequence", "video"]
+    pairs = [e for e in entries if e["kind"] == "pairs"]
+    assert len(pairs) == 3 * 2 and all(len(e["images"]) in (2, 4) for e in pairs)
+    assert pairs[0]["images"][:2] == ["pairs/edges/input/000.png", "pairs/edges/label/000.png"]
