@@ -1,0 +1,78 @@
+"""Model presets (LVM's released configs) and the one function that builds a LlamaConfig.
+
+hidden / intermediate / layers / heads; RMSNorm eps 1e-6; untied embeddings; max positions =
+the training sequence length; vocabulary per `lvm.model.vocab` (8256 rows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID, N_SPECIAL, PAD_ID, VOCAB_SIZE
+
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (64, 176, 2, 4),        # CPU tests and the demo
+    "100m": (640, 1664, 22, 10),
+    "300m": (1024, 2688, 22, 8),
+    "600m": (1536, 4096, 22, 16),
+    "1b": (2048, 5504, 22, 16),
+    "3b": (3200, 8640, 26, 32),
+    "7b": (4096, 11008, 32, 32),
+}
+DEFAULT_SEQ_LEN = 4096
+
+
+def attention_implementation() -> str:
+    """flash_attention_2 when installed and on GPU, else PyTorch SDPA (flash kernels on GPU)."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def llama_config(model: str, seq_len: int = DEFAULT_SEQ_LEN) -> LlamaConfig:
+    """A preset name or a path to a LlamaConfig JSON -> the config this pipeline trains."""
+    if model in PRESETS:
+        h, i, n_layers, n_heads = PRESETS[model]
+        cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n_layers,
+                          num_attention_heads=n_heads, num_key_value_heads=n_heads, vocab_size=VOCAB_SIZE)
+    elif Path(model).is_file():
+        try:
+            cfg = LlamaConfig.from_dict(json.loads(Path(model).read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"--model {model}: not a LlamaConfig JSON ({e})") from None
+        if cfg.vocab_size < CODEBOOK_SIZE + N_SPECIAL:
+            raise ValueError(f"--model {model}: vocab_size {cfg.vocab_size} < {CODEBOOK_SIZE + N_SPECIAL} (codes + BOS/EOS/PAD)")
+    else:
+        raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor a config file")
+    cfg.max_position_embeddings = seq_len
+    cfg.rms_norm_eps = 1e-6
+    cfg.tie_word_embeddings = False
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    cfg.use_cache = False
+    return cfg
+
+
+def count_parameters(cfg: LlamaConfig) -> int:
+    """Exact parameter count of LlamaForCausalLM for `cfg`, from the config alone."""
+    h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    attn = h * cfg.num_attention_heads * head_dim * 2 + h * kv * head_dim * 2
+    if getattr(cfg, "attention_bias", False):
+        attn += cfg.num_attention_heads * head_dim + 2 * kv * head_dim + h
+    mlp = 3 * h * i + (2 * i + h if getattr(cfg, "mlp_bias", False) else 0)
+    per_layer = attn + mlp + 2 * h
+    embed = v * h * (1 if cfg.tie_word_embeddings else 2)
+    return n * per_layer + embed + h
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (dense) + 12 * layers * hidden * seq (attention scores)."""
+    return 6 * count_parameters(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -1,0 +1,1 @@
+"""Training: options, DeepSpeed config resolution, engine set-up, loop, checkpoints, metrics."""

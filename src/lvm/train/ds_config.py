@@ -1,0 +1,129 @@
+"""Resolve a DeepSpeed JSON against the run's options: "auto" is filled, contradictions are errors.
+
+The CLI owns micro batch, accumulation, learning rate, weight decay, clipping and precision. A
+JSON value of "auto" takes the flag's value; a concrete JSON value is adopted unless the user also
+set the flag to something else, which stops the run with a message saying what to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from lvm.train.options import RunOptions
+
+# (path in the ds_config, RunOptions field, flag)
+OWNED = [
+    (("train_micro_batch_size_per_gpu",), "micro_batch", "--micro-batch"),
+    (("gradient_accumulation_steps",), "grad_accum", "--grad-accum"),
+    (("gradient_clipping",), "grad_clip", "--grad-clip"),
+    (("optimizer", "params", "lr"), "lr", "--lr"),
+    (("optimizer", "params", "weight_decay"), "weight_decay", "--weight-decay"),
+]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(d: dict, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _set(d: dict, path, value) -> None:
+    for k in path[:-1]:
+        d = d.setdefault(k, {})
+    d[path[-1]] = value
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds_config {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config {path} is not valid JSON: {e}") from None
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device: torch.device) -> dict:
+    """A concrete DeepSpeed config for this run; updates `opts` with values adopted from the JSON."""
+    ds = copy.deepcopy(ds)
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}})
+    if "global_batch_tokens" in given:
+        per_step = opts.micro_batch * world_size * opts.seq_len
+        if opts.global_batch_tokens % per_step:
+            raise ConfigError(f"--global-batch-tokens {opts.global_batch_tokens} is not a multiple of micro batch x "
+                              f"world size x seq len = {opts.micro_batch} x {world_size} x {opts.seq_len} = {per_step}")
+        opts.grad_accum = opts.global_batch_tokens // per_step
+        given = given | {"grad_accum"}
+    for path, field, flag in OWNED:
+        cur = _get(ds, path)
+        mine = getattr(opts, field)
+        if cur is None or cur == "auto":
+            _set(ds, path, mine)
+        elif field in given and cur != mine:
+            raise ConfigError(f"ds_config sets {'.'.join(path)}={cur} but {flag} {mine}: set it to \"auto\" in the "
+                              "JSON to let the flag decide, or drop the flag")
+        else:
+            setattr(opts, field, type(mine)(cur))
+    tb = ds.get("train_batch_size", "auto")
+    want = opts.micro_batch * opts.grad_accum * world_size
+    if tb not in ("auto", None) and int(tb) != want:
+        raise ConfigError(f"ds_config train_batch_size={tb} but micro batch {opts.micro_batch} x accumulation "
+                          f"{opts.grad_accum} x world size {world_size} = {want}")
+    ds["train_batch_size"] = want
+    precision = pick_precision(opts.precision, device)
+    for key in ("bf16", "fp16"):
+        block = ds.setdefault(key, {})
+        enabled = block.get("enabled", "auto")
+        if enabled == "auto":
+            block["enabled"] = precision == key
+        elif bool(enabled) != (precision == key) and "precision" in given:
+            raise ConfigError(f"ds_config {key}.enabled={enabled} contradicts --precision {precision}")
+        elif bool(enabled):
+            precision = key
+    if ds["bf16"]["enabled"] and ds["fp16"]["enabled"]:
+        raise ConfigError("ds_config enables both bf16 and fp16")
+    opts.precision = precision
+    if device.type != "cuda":
+        ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)  # no fused CUDA Adam on CPU
+    stage = int(_get(ds, ("zero_optimization", "stage")) or 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ds_config zero_optimization.stage={stage}: must be 0-3")
+    for k in ("steps_per_print",):
+        ds.setdefault(k, 10**9)  # our own logger reports progress
+    leftover = [".".join(p) for p in _auto_paths(ds)]
+    if leftover:
+        raise ConfigError(f"ds_config leaves {', '.join(leftover)} as \"auto\" and no flag fills them "
+                          "(use launch/plan.py or --gpu-mem-gib to plan them, or set values)")
+    return ds
+
+
+def _auto_paths(d, prefix=()):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _auto_paths(v, prefix + (k,))
+    elif d == "auto":
+        yield prefix
+
+
+def zero_stage(ds: dict) -> int:
+    return int(_get(ds, ("zero_optimization", "stage")) or 0)

@@ -1,0 +1,111 @@
+"""Every option of `launch/pretrain.py`, with its one default and help text."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from lvm.model.presets import DEFAULT_SEQ_LEN, PRESETS
+
+
+@dataclass
+class RunOptions:
+    data: str = "data/shards"
+    val_data: str | None = None
+    model: str = "tiny"
+    seq_len: int = DEFAULT_SEQ_LEN
+    output: str | None = None
+    ds_config: str = "ds_configs/zero3.json"
+    max_steps: int = 1000
+    lr: float = 1.5e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 8000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    global_batch_tokens: int | None = None
+    grad_ckpt: bool = False
+    precision: str = "auto"
+    save_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 500
+    eval_max_sentences: int | None = None
+    log_every: int = 10
+    resume: str = "auto"
+    packing: str = "concat"
+    max_bad_steps: int = 10
+    gpu_mem_gib: float | None = None
+
+    def run_dir(self) -> str:
+        return self.output or f"runs/{self.model.replace('/', '_')}-s{self.seq_len}"
+
+
+HELP = {
+    "data": "training shards: a make_shards output folder (uses its train/) or a folder of *.arrow files",
+    "val_data": "validation shards (default: DATA/val, or DATA/../val)",
+    "model": f"preset ({', '.join(PRESETS)}) or a path to a LlamaConfig JSON",
+    "seq_len": "tokens per training window",
+    "output": "run folder (default runs/<model>-s<seq_len>): checkpoints/, tensorboard/, metrics.jsonl",
+    "ds_config": "DeepSpeed JSON; values it leaves \"auto\" are filled from these flags",
+    "max_steps": "optimizer steps to train",
+    "lr": "peak learning rate (LVM: 1.5e-4)",
+    "min_lr": "learning rate at the end of the cosine decay (LVM: 3e-5)",
+    "warmup_steps": "linear warmup steps (LVM: 8000)",
+    "weight_decay": "AdamW weight decay (not applied to norms)",
+    "grad_clip": "gradient-norm clipping",
+    "seed": "seed of the data order and the initialisation",
+    "micro_batch": "windows per GPU per micro-step",
+    "grad_accum": "micro-steps per optimizer step",
+    "global_batch_tokens": "tokens per optimizer step; sets --grad-accum (exclusive with it)",
+    "grad_ckpt": "activation (gradient) checkpointing",
+    "precision": "auto (bf16 where supported, fp32 on CPU), bf16, fp16 (loss scaling) or fp32",
+    "save_every": "checkpoint every N steps (and at the end)",
+    "keep_last": "checkpoints kept",
+    "eval_every": "validation every N steps (and at the end); 0 disables",
+    "eval_max_sentences": "cap on validation sentences (default: all)",
+    "log_every": "log every N steps",
+    "resume": "auto (latest checkpoint in the run folder, if any), none, or a checkpoint path",
+    "packing": "concat: sentences concatenated and cut into windows; sentence: whole sentences best-fit, padded",
+    "max_bad_steps": "stop after this many consecutive steps with a non-finite loss",
+    "gpu_mem_gib": "GPU memory budget: the planner fills ds_config values left \"auto\"",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain a LlamaForCausalLM on visual sentences with DeepSpeed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = RunOptions()
+    for f in fields(RunOptions):
+        flag = "--ds_config" if f.name == "ds_config" else "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "default": None, "help": f"{HELP[f.name]} (default: {getattr(defaults, f.name)})"}
+        if f.name == "grad_ckpt":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.name == "packing":
+            kw["choices"] = ["concat", "sentence"]
+        if f.name == "precision":
+            kw["choices"] = ["auto", "bf16", "fp16", "fp32"]
+        typ = {"seq_len": int, "max_steps": int, "warmup_steps": int, "seed": int, "micro_batch": int,
+               "grad_accum": int, "global_batch_tokens": int, "save_every": int, "keep_last": int,
+               "eval_every": int, "eval_max_sentences": int, "log_every": int, "max_bad_steps": int,
+               "lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float, "gpu_mem_gib": float}.get(f.name, str)
+        p.add_argument(flag, type=typ, **kw)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p
+
+
+def parse_options(argv=None) -> tuple[RunOptions, set[str]]:
+    """(options, names the user set explicitly): explicit flags may not contradict the ds_config."""
+    ns = build_parser().parse_args(argv)
+    given = {f.name for f in fields(RunOptions) if getattr(ns, f.name) is not None}
+    opts = RunOptions(**{k: getattr(ns, k) for k in given})
+    if "grad_accum" in given and "global_batch_tokens" in given:
+        raise ValueError("give --grad-accum or --global-batch-tokens, not both")
+    for name in ("seq_len", "max_steps", "micro_batch", "grad_accum", "keep_last", "log_every", "max_bad_steps"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if opts.resume not in ("auto", "none") and not opts.resume:
+        raise ValueError("--resume must be auto, none or a checkpoint path")
+    return opts, given

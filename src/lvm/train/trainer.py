@@ -1,0 +1,235 @@
+"""The pretraining run: validate inputs, build the DeepSpeed engine, train, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lvm.data.packing import DistributedLoader, PackedWindows
+from lvm.data.shards import ShardError
+from lvm.launch_env import export_torch_env, launch_env
+from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config
+from lvm.train import checkpoint as ckpt
+from lvm.train.data_setup import describe, open_data
+from lvm.train.ds_config import ConfigError, load_ds_config, resolve, zero_stage
+from lvm.train.metrics import MetricsLogger, device_memory_gib, device_peak_flops
+from lvm.train.options import RunOptions
+from lvm.train.schedule import lambda_schedule, lr_at
+from lvm.train.validation import evaluate
+
+USER_ERRORS = (ShardError, ConfigError, ckpt.CheckpointError, ValueError, FileNotFoundError)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (cluster pre-emption): finish the step, save, exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def no_decay(name: str) -> bool:
+    return "norm" in name or name.endswith(".bias")
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    decay, plain = [], []
+    for n, p in model.named_parameters():
+        (plain if no_decay(n) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_model(cfg, ds: dict, grad_ckpt: bool):
+    """LlamaForCausalLM; under ZeRO-3 created inside deepspeed.zero.Init (never whole on one rank)."""
+    from transformers import LlamaForCausalLM
+
+    keepalive = None
+    if zero_stage(ds) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds)  # makes transformers build and init the model under zero.Init
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attention_implementation())
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, keepalive
+
+
+def all_mean(x: float, device) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train(opts: RunOptions, given: set[str]) -> int:
+    import deepspeed
+
+    env = launch_env()
+    export_torch_env(env)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+
+    # Everything that can be wrong with the inputs is checked before any compute.
+    train_table, val_table, tok_info = open_data(opts.data, opts.val_data)
+    cfg = llama_config(opts.model, opts.seq_len)
+    windows = PackedWindows(train_table, opts.seq_len, opts.packing, opts.seed)
+    ds_raw = load_ds_config(opts.ds_config)
+    if opts.gpu_mem_gib is not None:
+        from lvm.plan.planner import fill_from_plan
+
+        ds_raw = fill_from_plan(ds_raw, opts, env.world_size)
+    ds = resolve(ds_raw, opts, given, env.world_size, device)
+    run_dir = Path(opts.run_dir())
+    ckpt_dir = run_dir / "checkpoints"
+    identity = {"world_size": env.world_size, "zero_stage": zero_stage(ds), "model": cfg.to_diff_dict(),
+                "seq_len": opts.seq_len, "packing": opts.packing, "micro_batch": opts.micro_batch}
+    ckpt.check_run_identity(ckpt_dir, identity, write=False)
+    resume_from = ckpt.resolve_resume(opts.resume, ckpt_dir)
+    if resume_from and resume_from[0] != ckpt_dir:
+        ckpt.check_run_identity(resume_from[0], identity, write=False)
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    rank0 = env.rank == 0
+    log = MetricsLogger(run_dir, rank0)
+    n_params = count_parameters(cfg)
+    log.console(f"model {opts.model}: {n_params / 1e6:.2f}M parameters; {cfg.num_hidden_layers} layers, hidden "
+                f"{cfg.hidden_size}; vocab {cfg.vocab_size}; seq {opts.seq_len}; ZeRO-{zero_stage(ds)}, {opts.precision}, "
+                f"world {env.world_size}, micro batch {opts.micro_batch} x accumulation {opts.grad_accum}")
+    log.console(f"train: {describe(train_table)}; {windows.per_epoch} windows/epoch ({opts.packing})")
+    if val_table is not None:
+        log.console(f"val: {describe(val_table)}")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json_file(str(run_dir / "model_config.json"))
+        (run_dir / "options.json").write_text(json.dumps(asdict(opts), indent=2))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        (run_dir / "tokenizer.json").write_text(json.dumps(tok_info, indent=2))
+
+    torch.manual_seed(opts.seed)
+    model, _keepalive = build_model(cfg, ds, opts.grad_ckpt)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, opts.weight_decay), config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda_schedule(opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps)))
+    loader = DistributedLoader(windows, opts.micro_batch, env.rank, env.world_size)
+    step, skipped_steps = 0, 0
+    if resume_from:
+        path, client = engine.load_checkpoint(str(resume_from[0]), tag=resume_from[1])
+        if path is None:
+            raise ckpt.CheckpointError(f"could not load checkpoint {resume_from[0] / resume_from[1]}")
+        loader.load_state_dict(client["loader"])
+        ckpt.set_rng_state(client["rng"])
+        step, skipped_steps = int(client["step"]), int(client.get("skipped_steps", 0))
+        log.console(f"resumed from {resume_from[0] / resume_from[1]} at step {step}")
+    if rank0:
+        ckpt.check_run_identity(ckpt_dir, identity, write=True)
+
+    stop = StopRequest()
+    peak = device_peak_flops()
+    fpt = flops_per_token(cfg, opts.seq_len)
+    tokens_per_step = opts.micro_batch * opts.grad_accum * env.world_size * opts.seq_len
+    bad_in_row, window_losses, t_last, steps_since = 0, [], time.perf_counter(), 0
+
+    def save(reason: str):
+        tag = ckpt.tag_for(step)
+        client = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": step, "skipped_steps": skipped_steps,
+                  "identity": identity, "options": asdict(opts)}
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank0:
+            ckpt.prune(ckpt_dir, opts.keep_last)
+        log.console(f"saved checkpoint {ckpt_dir / tag} ({reason})")
+
+    def validate():
+        if val_table is None or opts.eval_every == 0:
+            return
+        r = evaluate(engine, val_table, opts.seq_len, opts.micro_batch, device, env.rank, env.world_size, opts.eval_max_sentences)
+        flat = {"loss": r["loss"], "perplexity": r["perplexity"], **{f"perplexity/{k}": v for k, v in r["perplexity_by_kind"].items()}}
+        log.log(step, flat, prefix="val")
+        kinds = " ".join(f"{k} {v:.1f}" for k, v in r["perplexity_by_kind"].items())
+        log.console(f"step {step} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} | {kinds}")
+
+    engine.train()
+    while step < opts.max_steps:
+        bad, micro_losses = False, []
+        for micro in range(opts.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in loader.next_batch().model_inputs().items()}
+            loss = engine(**batch, use_cache=False).loss
+            if any_rank(not torch.isfinite(loss).item(), device):
+                bad = True
+                loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # zero gradient from this micro-batch
+            else:
+                micro_losses.append(loss.item())
+            engine.backward(loss)
+            if bad and micro == opts.grad_accum - 1:
+                for g in optimizer.param_groups:
+                    g["lr"] = 0.0  # the update is skipped; the scheduler resets lr at the next step
+            engine.step()
+        step += 1
+        steps_since += 1
+        if bad:
+            skipped_steps += 1
+            bad_in_row += 1
+            log.console(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
+            if bad_in_row >= opts.max_bad_steps:
+                log.close()
+                raise SystemExit(f"error: {bad_in_row} consecutive steps had a non-finite loss: lower --lr, check the data, "
+                                 "or resume from an earlier checkpoint")
+        else:
+            bad_in_row = 0
+            window_losses.append(sum(micro_losses) / len(micro_losses))
+        if step % opts.log_every == 0 or step == opts.max_steps:
+            dt = time.perf_counter() - t_last
+            tps = tokens_per_step * steps_since / dt
+            loss_mean = all_mean(sum(window_losses) / max(len(window_losses), 1), device)
+            gn = engine.get_global_grad_norm()
+            m = {"loss": loss_mean, "lr": lr_at(step - 1, opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps),
+                 "grad_norm": float(gn) if gn is not None else None, "tokens_per_s": tps,
+                 "tflops_per_s": fpt * tps / 1e12, "mfu": fpt * tps / (peak * env.world_size) if peak else None,
+                 "memory_gib": device_memory_gib(), "skipped_steps": skipped_steps, "epoch": loader.epoch}
+            log.log(step, {k: v for k, v in m.items() if v is not None})
+            mfu = f" mfu {m['mfu']:.1%}" if m["mfu"] is not None else ""
+            mem = f" mem {m['memory_gib']:.1f}GiB" if m["memory_gib"] is not None else ""
+            log.console(f"step {step}/{opts.max_steps} loss {loss_mean:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm'] or 0:.3f} "
+                        f"{tps:,.0f} tok/s{mfu}{mem} epoch {loader.epoch:.2f}")
+            window_losses, t_last, steps_since = [], time.perf_counter(), 0
+        if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps:
+            validate()
+        if stop.agreed(device):
+            save(f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}")
+            log.console("stopping on request; resume with --resume auto")
+            log.close()
+            return 0
+        if step % opts.save_every == 0 and step < opts.max_steps:
+            save("periodic")
+    validate()
+    save("end of training")
+    log.close()
+    return 0
