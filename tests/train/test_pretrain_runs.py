@@ -1,0 +1,122 @@
+"""Real DeepSpeed runs on CPU (gloo), 2 ranks where distribution matters."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.train.conftest import ENV, REPO, base_args, read_metrics, run_train, train_cmd
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_loss_falls_with_two_ranks(train_shards, tmp_path, stage):
+    run = tmp_path / f"z{stage}"
+    r = run_train(2, base_args(train_shards, run, "--ds_config", f"ds_configs/zero{stage}.json", "--max-steps", "30",
+                               "--eval-every", "30", "--save-every", "30"))
+    m = read_metrics(run)
+    losses = [m[s]["loss"] for s in sorted(m)]
+    assert len(losses) == 30
+    assert mean(losses[-5:]) < mean(losses[:5]) - 0.2, losses
+    assert f"ZeRO-{stage}" in r.stdout and "world 2" in r.stdout
+    assert all(k in m[1] for k in ("step", "loss", "lr", "tokens_per_s", "grad_norm"))
+    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val and "perplexity" in val[-1] and any(k.startswith("perplexity/") for k in val[-1])
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+
+
+def test_resume_equals_uninterrupted_and_survives_sigkill(train_shards, tmp_path):
+    common = ["--ds_config", "ds_configs/zero2.json", "--max-steps", "12", "--keep-last", "10"]
+    full = tmp_path / "full"
+    run_train(2, base_args(train_shards, full, *common, "--save-every", "4"))
+    ref = read_metrics(full)
+
+    resumed = tmp_path / "resumed"
+    run_train(2, base_args(train_shards, resumed, *common, "--save-every", "4",
+                           "--resume", str(full / "checkpoints" / "step_00000004")))
+    got = read_metrics(resumed)
+    assert sorted(got) == list(range(5, 13))
+    for s in got:
+        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6, (s, got[s]["loss"], ref[s]["loss"])
+
+    # SIGKILL mid-run, then --resume auto continues the exact stream.
+    killed = tmp_path / "killed"
+    args = base_args(train_shards, killed, *common, "--save-every", "2", "--max-steps", "12")
+    proc = subprocess.Popen(train_cmd(2, args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    latest = killed / "checkpoints" / "latest"
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_00000004"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = latest.read_text().strip()
+    assert at_kill < "step_00000012", "the kill must land before the end"
+    run_train(2, args)
+    got = read_metrics(killed)
+    assert sorted(got) == list(range(1, 13))
+    for s in range(1, 13):
+        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6, (s, got[s]["loss"], ref[s]["loss"])
+
+
+def test_sigusr1_saves_and_resume_continues(train_shards, tmp_path):
+    run = tmp_path / "pre"
+    args = base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "400", "--save-every", "1000")
+    proc = subprocess.Popen(train_cmd(1, args), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.split("_")[1])
+    assert 3 <= stopped_at < 400 and "stopping on request" in out
+    r = run_train(1, args[:-4] + ["--max-steps", str(stopped_at + 2), "--save-every", "1000"], check=False)
+    assert "resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_matches_engine_logits(train_shards, tmp_path, stage):
+    """The exported HF folder gives the logits of the DeepSpeed engine that wrote the checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    run = tmp_path / "run"
+    run_train(1, base_args(train_shards, run, "--ds_config", f"ds_configs/zero{stage}.json", "--max-steps", "3",
+                           "--save-every", "3"))
+    probe = tmp_path / "probe.pt"
+    code = f"""
+import os, torch, deepspeed, json
+os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='{29700 + stage}')
+from lvm.train.trainer import build_model, param_groups
+from transformers import LlamaConfig
+deepspeed.init_distributed(dist_backend='gloo')
+ds = json.load(open('{run}/ds_config.json'))
+cfg = LlamaConfig.from_json_file('{run}/model_config.json')
+model, keep = build_model(cfg, ds, False)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
+engine.load_checkpoint('{run}/checkpoints')
+engine.eval()
+ids = torch.arange(40).view(2, 20) * 97 % 8192
+with torch.no_grad():
+    torch.save(engine(input_ids=ids).logits, '{probe}')
+"""
+    subprocess.run([os.sys.executable, "-c", code], check=True, cwd=REPO, env=ENV, capture_output=True, timeout=300)
+    hf = tmp_path / "hf"
+    r = subprocess.run([os.sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model = LlamaForCausalLM.from_pretrained(hf).eval()
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (8192, 8193, 8194)
+    ids = torch.arange(40).view(2, 20) * 97 % 8192
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.allclose(logits, torch.load(probe), atol=1e-5)
