@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default="data/demo_corpus")
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", default="runs/demo", help="training run folder")
+    p.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
+    p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (processes)")
     p.add_argument("--skip-train", action="store_true", help="stop after making shards")
     a = p.parse_args(argv)
     py = sys.executable
@@ -40,8 +43,33 @@ def main(argv=None) -> int:
           f"validation visual sentences ({w['train']['images'] + w['val']['images']} images of 256 tokens each, "
           f"{report['bytes_per_image']} bytes per image on disk); {report['skipped_count']} sources were skipped. "
           f"The tokenizer is the embedded patch k-means codebook fitted on this corpus and saved in "
-          f"{a.shards}/tokenizer so that tokens can be decoded back to pixels.")
+          f"{a.shards}/tokenizer so that tokens can be decoded back to pixels.\n")
+    if a.skip_train:
+        return 0
+    train(a)
     return 0
+
+
+def train(a) -> None:
+    import shutil
+
+    import torch
+
+    ranks = torch.cuda.device_count() or a.ranks
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    run([deepspeed, "--num_gpus", str(ranks), "--master_port", "29561", "launch/pretrain.py",
+         "--ds_config", "ds_configs/zero2.json", "--model", "tiny", "--data", a.shards, "--output", a.run,
+         "--seq-len", "1024", "--micro-batch", "4", "--max-steps", str(a.steps), "--warmup-steps", "20",
+         "--lr", "2e-3", "--min-lr", "2e-4", "--log-every", "25", "--eval-every", str(max(1, a.steps // 3)),
+         "--save-every", str(a.steps), "--seed", str(a.seed)])
+    rows = [json.loads(x) for x in (REPO / a.run / "metrics.jsonl").read_text().splitlines()]
+    tr = [r for r in rows if r["split"] == "train"]
+    va = [r for r in rows if r["split"] == "val"]
+    print(f"\nTrained the tiny model with DeepSpeed ZeRO-2 on {ranks} ranks: training loss "
+          f"{tr[0]['loss']:.3f} (step {tr[0]['step']}) -> {tr[-1]['loss']:.3f} (step {tr[-1]['step']}); "
+          + (f"validation perplexity {va[0]['perplexity']:.1f} (step {va[0]['step']}) -> {va[-1]['perplexity']:.1f} "
+             f"(step {va[-1]['step']}). " if va else "")
+          + f"TensorBoard logs: tensorboard --logdir {a.run}/tensorboard; checkpoints in {a.run}/checkpoints.")
 
 
 if __name__ == "__main__":
