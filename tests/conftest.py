@@ -137,3 +137,17 @@ def small_tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     tok.save(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory, small_tokenizer):
+    """Real shards of a small synthetic corpus (videos, sequences, pairs, images)."""
+    from lvm.data.build import BuildConfig, build_shards
+    from lvm.data.synth import CorpusSize, make_corpus
+
+    root = tmp_path_factory.mktemp("train_data")
+    manifest = make_corpus(root / "corpus", seed=7, size=CorpusSize(videos=6, gifs=1, sequences=3, frames=8, pairs_per_task=8, images=12))
+    out = root / "shards"
+    build_shards(BuildConfig(manifest=str(manifest), out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
+                             workers=0, val_fraction=0.25, sentences_per_shard=8, progress=False))
+    return out

@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -29,20 +27,6 @@ def run_train(nproc: int, args: list[str], check: bool = True, timeout: int = 30
     if check and r.returncode != 0:
         raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
-
-
-@pytest.fixture(scope="session")
-def train_shards(tmp_path_factory, small_tokenizer):
-    """Real shards of a small synthetic corpus (videos, sequences, pairs, images)."""
-    from lvm.data.build import BuildConfig, build_shards
-    from lvm.data.synth import CorpusSize, make_corpus
-
-    root = tmp_path_factory.mktemp("train_data")
-    manifest = make_corpus(root / "corpus", seed=7, size=CorpusSize(videos=6, gifs=1, sequences=3, frames=8, pairs_per_task=8, images=12))
-    out = root / "shards"
-    build_shards(BuildConfig(manifest=str(manifest), out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
-                             workers=0, val_fraction=0.25, sentences_per_shard=8, progress=False))
-    return out
 
 
 def base_args(shards: Path, out: Path, *extra: str) -> list[str]:

@@ -7,9 +7,9 @@ the training sequence length; vocabulary per `lvm.model.vocab` (8256 rows).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import LlamaConfig
+from typing import TYPE_CHECKING
 
 from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID, N_SPECIAL, PAD_ID, VOCAB_SIZE
 
@@ -23,6 +23,53 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "7b": (4096, 11008, 32, 32),
 }
 DEFAULT_SEQ_LEN = 4096
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers that size a LlamaForCausalLM; no torch or transformers import needed."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int = VOCAB_SIZE
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    head_dim: int | None = None
+
+
+def _config_dict(model: str) -> dict:
+    """The LlamaConfig fields of a preset or a JSON file, validated; raises ValueError."""
+    if model in PRESETS:
+        h, i, n_layers, n_heads = PRESETS[model]
+        return {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n_layers,
+                "num_attention_heads": n_heads, "num_key_value_heads": n_heads, "vocab_size": VOCAB_SIZE}
+    if not Path(model).is_file():
+        raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor a config file")
+    try:
+        d = json.loads(Path(model).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model {model}: not a LlamaConfig JSON ({e})") from None
+    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    if not isinstance(d, dict) or any(not isinstance(d.get(k), int) for k in need):
+        raise ValueError(f"--model {model}: a LlamaConfig JSON needs integer {', '.join(need)}")
+    d.setdefault("vocab_size", VOCAB_SIZE)
+    if d["vocab_size"] < CODEBOOK_SIZE + N_SPECIAL:
+        raise ValueError(f"--model {model}: vocab_size {d['vocab_size']} < {CODEBOOK_SIZE + N_SPECIAL} (codes + BOS/EOS/PAD)")
+    return d
+
+
+def model_shape(model: str) -> ModelShape:
+    d = _config_dict(model)
+    return ModelShape(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], d["num_attention_heads"],
+                      d.get("num_key_value_heads") or d["num_attention_heads"], d["vocab_size"], False,
+                      bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False)), d.get("head_dim"))
 
 
 def attention_implementation() -> str:
@@ -38,19 +85,9 @@ def attention_implementation() -> str:
 
 def llama_config(model: str, seq_len: int = DEFAULT_SEQ_LEN) -> LlamaConfig:
     """A preset name or a path to a LlamaConfig JSON -> the config this pipeline trains."""
-    if model in PRESETS:
-        h, i, n_layers, n_heads = PRESETS[model]
-        cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n_layers,
-                          num_attention_heads=n_heads, num_key_value_heads=n_heads, vocab_size=VOCAB_SIZE)
-    elif Path(model).is_file():
-        try:
-            cfg = LlamaConfig.from_dict(json.loads(Path(model).read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"--model {model}: not a LlamaConfig JSON ({e})") from None
-        if cfg.vocab_size < CODEBOOK_SIZE + N_SPECIAL:
-            raise ValueError(f"--model {model}: vocab_size {cfg.vocab_size} < {CODEBOOK_SIZE + N_SPECIAL} (codes + BOS/EOS/PAD)")
-    else:
-        raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor a config file")
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig.from_dict(_config_dict(model))
     cfg.max_position_embeddings = seq_len
     cfg.rms_norm_eps = 1e-6
     cfg.tie_word_embeddings = False
@@ -59,7 +96,7 @@ def llama_config(model: str, seq_len: int = DEFAULT_SEQ_LEN) -> LlamaConfig:
     return cfg
 
 
-def count_parameters(cfg: LlamaConfig) -> int:
+def count_parameters(cfg) -> int:
     """Exact parameter count of LlamaForCausalLM for `cfg`, from the config alone."""
     h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = cfg.num_key_value_heads or cfg.num_attention_heads
@@ -73,6 +110,6 @@ def count_parameters(cfg: LlamaConfig) -> int:
     return n * per_layer + embed + h
 
 
-def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token: 6N (dense) + 12 * layers * hidden * seq (attention scores)."""
     return 6 * count_parameters(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -66,6 +66,9 @@ def pick_precision(requested: str, device: torch.device) -> str:
 def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device: torch.device) -> dict:
     """A concrete DeepSpeed config for this run; updates `opts` with values adopted from the JSON."""
     ds = copy.deepcopy(ds)
+    planned = ds.pop("lvm_plan", {})  # written by launch/plan.py: choices DeepSpeed has no key for
+    if planned.get("activation_checkpointing") and "grad_ckpt" not in given:
+        opts.grad_ckpt = True
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}})
     if "global_batch_tokens" in given:
         per_step = opts.micro_batch * world_size * opts.seq_len

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Configure a run from its GPU-memory budget: choose ZeRO stage, micro-batch, accumulation,
+activation checkpointing and CPU offload, write a ready DeepSpeed config, and explain every byte.
+
+    python launch/plan.py --model 1b --gpus-per-node 8 --gpu-mem-gib 80 --seq-len 4096 \\
+        --global-batch-tokens 524288 --out ds_configs/plan-1b-8x80.json --report plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lvm.model.presets import model_shape
+from lvm.plan.planner import PlanError, Request, ds_config, evaluate_given, report, search, table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="1b", help="preset name or LlamaConfig JSON (as launch/pretrain.py --model)")
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory of one GPU")
+    p.add_argument("--cpu-mem-gib", type=float, default=None, help="host memory per node (offload budget); 0 forbids offload")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per optimizer step")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--micro-batch", type=int, default=None, help="evaluate this configuration instead of searching")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="with --micro-batch (default 2)")
+    p.add_argument("--grad-ckpt", choices=["on", "off"], default="off", help="with --micro-batch")
+    p.add_argument("--offload", choices=["none", "optimizer", "all"], default="none", help="with --micro-batch")
+    p.add_argument("--out", default=None, help="write the DeepSpeed config here")
+    p.add_argument("--report", default=None, help="write the plan as JSON here")
+    a = p.parse_args(argv)
+    try:
+        if min(a.gpus_per_node, a.nodes, a.seq_len) < 1 or a.gpu_mem_gib <= 0:
+            raise PlanError("--gpus-per-node, --nodes, --seq-len and --gpu-mem-gib must be positive")
+        cfg = model_shape(a.model)
+        gbt = a.global_batch_tokens
+        if a.micro_batch is not None and gbt is None:
+            gbt = a.micro_batch * a.seq_len * a.gpus_per_node * a.nodes
+        req = Request(cfg, a.gpus_per_node, a.nodes, a.gpu_mem_gib, a.cpu_mem_gib, a.seq_len, gbt, a.dtype)
+        if a.micro_batch is not None:
+            stage = a.zero_stage if a.zero_stage is not None else 2
+            plan = evaluate_given(req, stage, a.micro_batch, a.grad_ckpt == "on", a.offload != "none", a.offload == "all")
+        else:
+            plan = search(req)
+    except (PlanError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(plan, req))
+    if a.out:
+        Path(a.out).write_text(json.dumps(ds_config(plan), indent=2) + "\n")
+        print(f"\nwrote {a.out}: deepspeed launch/pretrain.py --ds_config {a.out} --model {a.model} --seq-len {a.seq_len}"
+              + (" --grad-ckpt" if plan.setting.grad_ckpt else ""))
+    if a.report:
+        Path(a.report).write_text(json.dumps(report(plan, req), indent=2) + "\n")
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Memory arithmetic and the planner that configures a run from its GPU-memory budget."""
