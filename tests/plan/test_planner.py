@@ -70,7 +70,7 @@ def test_pretrain_accepts_a_planned_config(train_shards, tmp_path):
     from tests.train.conftest import base_args, run_train
 
     shape = model_shape("tiny")
-    plan = search(Request(shape, 1, 1, 0.5, None, 256, 256 * 2))
+    plan = search(Request(shape, 1, 1, 2, None, 256, 256 * 2))
     (tmp_path / "ds.json").write_text(json.dumps(ds_config(plan)))
     args = base_args(train_shards, tmp_path / "run", "--ds_config", str(tmp_path / "ds.json"), "--max-steps", "2")
     args.remove("--micro-batch")
