@@ -24,6 +24,10 @@ def resolve_data_dirs(data: str, val_data: str | None) -> tuple[Path, Path | Non
 
 def check_tokenizer(train: Path, val: Path | None) -> dict:
     info = read_tokenizer_info(train)
+    kind, _, rel = str(info.get("spec", "")).partition(":")
+    if rel and not Path(rel).is_absolute():
+        base = train if (train / "tokenizer.json").is_file() else train.parent
+        info["spec_resolved"] = f"{kind}:{(base / rel).resolve()}"
     for key, want in (("codebook_size", CODEBOOK_SIZE), ("tokens_per_image", TOKENS_PER_IMAGE)):
         if info.get(key) != want:
             raise ShardError(f"{train}: tokenizer.json says {key}={info.get(key)}, this model expects {want}")

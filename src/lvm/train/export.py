@@ -36,7 +36,12 @@ def load_fp32_model(path: str | Path):
     if missing or unexpected:
         raise ValueError(f"checkpoint {ckpt_dir / tag} does not match model_config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    model.tie_weights()
+    # non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: build them for real
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=cfg)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} left tensors unset: {left[:5]}")
     return model.float().eval(), run_dir, tag
 
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Evaluate a trained model on shards: perplexity overall, per data kind, vs number of context
+frames (video/sequence) and vs number of in-context example pairs. Writes DIR/eval.json and
+DIR/context_frames.png, and logs both to TensorBoard when given a run folder.
+Runs as one process or under torchrun/deepspeed/srun (each rank scores a slice)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed checkpoint folder/tag, or exported HF folder")
+    p.add_argument("--data", required=True, help="a shard folder, or a make_shards output folder (see --split)")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val", help="with a make_shards output folder")
+    p.add_argument("--out", required=True, help="output folder for eval.json and context_frames.png")
+    p.add_argument("--batch-size", type=int, default=4, help="sentences per forward pass")
+    p.add_argument("--max-sentences", type=int, default=None, help="score at most this many sentences per split")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    from lvm.data.shards import ShardError, load_sentences
+    from lvm.eval.model_io import ModelLoadError, load_model, run_folder
+    from lvm.eval.perplexity import Sums, plot, results, score
+    from lvm.launch_env import export_torch_env, launch_env
+
+    env = launch_env()
+    try:
+        root = Path(a.data)
+        if (root / "train").is_dir() or (root / "val").is_dir():
+            folders = [root / s for s in (("train", "val") if a.split == "all" else (a.split,))]
+        else:
+            folders = [root]
+        tables = [load_sentences(f) for f in folders]
+        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        model, _ = load_model(a.checkpoint, device)
+    except (ShardError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if env.world_size > 1:
+        export_torch_env(env)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    window = model.config.max_position_embeddings
+    total = Sums()
+    for t in tables:
+        s = score(model, t, window, a.batch_size, env.rank, env.world_size, a.max_sentences)
+        for k in s.n:
+            total.add(k, s.nll[k], s.n[k])
+    if env.rank != 0:
+        return 0
+    res = results(total)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(res, indent=2))
+    plot(res, out / "context_frames.png")
+    run = run_folder(a.checkpoint)
+    if run is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run / "tensorboard")) as w:
+            w.add_scalar("eval/perplexity", res["perplexity"])
+            for k, v in res["perplexity_by_kind"].items():
+                w.add_scalar(f"eval/perplexity/{k}", v)
+            for k, v in res["perplexity_by_context_frames"].items():
+                w.add_scalar("eval/perplexity_vs_context_frames", v, int(k))
+            for k, v in res["perplexity_by_context_pairs"].items():
+                w.add_scalar("eval/perplexity_vs_context_pairs", v, int(k))
+    print(f"perplexity {res['perplexity']:.2f} over {res['tokens']} tokens; by kind: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in res["perplexity_by_kind"].items()))
+    if res["perplexity_by_context_frames"]:
+        print("context frames | perplexity of the next frame")
+        for k, v in res["perplexity_by_context_frames"].items():
+            print(f"{int(k):>14} | {v:10.2f}")
+    print(f"wrote {out / 'eval.json'} and {out / 'context_frames.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Generate the next image(s) of a visual prompt with a trained model.
+
+    python launch/generate.py --checkpoint runs/demo --prompt f0.png f1.png f2.png --out gen/   # next frame
+    python launch/generate.py --checkpoint runs/demo --prompt a.png a_edges.png b.png --out gen/  # analogy A A' B -> B'
+
+Prompt images are tokenized with the tokenizer recorded beside the training shards (or --tokenizer).
+Writes OUT/generated_<i>.png per generated image and OUT/grid.png (prompt | generation, a row per sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed checkpoint folder/tag, or exported HF folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", nargs="+", help="prompt image files, in order")
+    g.add_argument("--prompt-file", help="JSON list of prompt image paths (for long prompts)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one that made the training shards)")
+    p.add_argument("--n-images", type=int, default=1, help="images to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=100, help="0 disables")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (slow; for checks)")
+    a = p.parse_args(argv)
+
+    from lvm.eval.generate import PromptError, Sampling, fit_prompt, sample_codes, save_outputs
+    from lvm.eval.model_io import ModelLoadError, load_model, model_window
+    from lvm.tokenizer import load_tokenizer
+    from lvm.tokenizer.preprocess import SourceError, load_image, to_pixels
+
+    try:
+        if a.n_images < 1 or a.num_samples < 1:
+            raise PromptError("--n-images and --num-samples must be >= 1")
+        paths = a.prompt
+        if a.prompt_file:
+            paths = json.loads(Path(a.prompt_file).read_text())
+            if not isinstance(paths, list) or not paths or not all(isinstance(x, str) for x in paths):
+                raise PromptError(f"--prompt-file {a.prompt_file} must hold a JSON list of paths")
+            base = Path(a.prompt_file).parent
+            paths = [str(x if Path(x).is_absolute() else base / x) for x in paths]
+        frames = []
+        for path in paths:
+            try:
+                frames.append(load_image(path))
+            except SourceError as e:
+                raise PromptError(f"prompt image {path}: {e}") from None
+        fit_prompt(torch.zeros(1, 256, dtype=torch.long), model_window(a.checkpoint), a.n_images)  # before reading weights
+        model, info = load_model(a.checkpoint)
+        spec = a.tokenizer or (info or {}).get("spec_resolved") or (info or {}).get("spec")
+        if not spec:
+            raise PromptError("no tokenizer recorded with this model: pass --tokenizer")
+        tok = load_tokenizer(spec)
+        codes = tok.encode(to_pixels(np.stack(frames)))
+        codes, dropped = fit_prompt(codes, model.config.max_position_embeddings, a.n_images)
+    except (PromptError, ModelLoadError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dropped:
+        print(f"prompt cut from the left by {dropped} image(s) to fit the {model.config.max_position_embeddings}-token window")
+    s = Sampling(a.n_images, a.temperature, a.top_k or None, a.top_p, a.seed, a.num_samples, not a.no_cache)
+    new = sample_codes(model, codes, s)
+    with torch.no_grad():
+        prompt_px = tok.decode(codes)
+        gen_px = torch.stack([tok.decode(x) for x in new])
+    out_paths = save_outputs(prompt_px, gen_px, a.out)
+    for q in out_paths:
+        print(q)
+    print(Path(a.out) / "grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation and visual prompting of trained models."""

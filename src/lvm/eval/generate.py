@@ -1,0 +1,111 @@
+"""Visual prompting: prompt images -> tokens -> sampled continuation images -> pixels.
+
+The prompt is `[BOS] img1 img2 ...` (no EOS, so the sentence goes on). Each new image is 256 sampled
+tokens; only visual codes can be sampled (BOS/EOS/PAD and the padding rows get -inf). Sampling uses
+the KV cache unless told not to; temperature 0 is greedy. Prompts longer than the window are cut
+from the left by whole images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, TOKENS_PER_IMAGE
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass
+class Sampling:
+    n_images: int = 1
+    temperature: float = 1.0
+    top_k: int | None = 100
+    top_p: float | None = None
+    seed: int = 0
+    num_samples: int = 1
+    use_cache: bool = True
+
+
+def visual_only_processor():
+    from transformers import LogitsProcessor
+
+    class VisualOnly(LogitsProcessor):
+        """Any id outside 0..8191 (BOS, EOS, PAD, embedding padding rows) can never be sampled."""
+
+        def __call__(self, input_ids, scores):
+            scores[:, CODEBOOK_SIZE:] = -float("inf")
+            return scores
+
+    return VisualOnly()
+
+
+def fit_prompt(prompt_codes: torch.Tensor, window: int, n_new: int) -> tuple[torch.Tensor, int]:
+    """Keep the last whole images that fit with BOS and the new images; (codes [k, 256], dropped count)."""
+    room = window - 1 - n_new * TOKENS_PER_IMAGE
+    if room < 0:
+        raise PromptError(f"{n_new} new images ({n_new * TOKENS_PER_IMAGE} tokens) do not fit the model's window of {window} tokens")
+    keep = min(len(prompt_codes), room // TOKENS_PER_IMAGE)
+    if keep == 0:
+        raise PromptError(f"no prompt image fits the window of {window} tokens next to {n_new} new images")
+    return prompt_codes[len(prompt_codes) - keep :], len(prompt_codes) - keep
+
+
+@torch.no_grad()
+def sample_codes(model, prompt_codes: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """prompt codes [k, 256] -> generated codes [num_samples, n_images, 256]."""
+    device = next(model.parameters()).device
+    ids = torch.cat([torch.tensor([BOS_ID]), prompt_codes.reshape(-1).long()])[None].to(device)
+    n_new = s.n_images * TOKENS_PER_IMAGE
+    greedy = s.temperature <= 0
+    torch.manual_seed(s.seed)
+    kwargs = {"do_sample": not greedy, "max_new_tokens": n_new, "min_new_tokens": n_new,
+              "use_cache": s.use_cache, "num_return_sequences": s.num_samples,
+              "logits_processor": [visual_only_processor()], "pad_token_id": model.config.pad_token_id,
+              "eos_token_id": None, "attention_mask": torch.ones_like(ids)}
+    if not greedy:
+        kwargs.update(temperature=s.temperature, top_k=s.top_k or 0, top_p=s.top_p if s.top_p else 1.0)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    out = model.generate(ids, **kwargs)
+    new = out[:, ids.shape[1] :].cpu()
+    return new.view(s.num_samples, s.n_images, TOKENS_PER_IMAGE)
+
+
+def save_outputs(prompt: torch.Tensor, generated: torch.Tensor, out_dir) -> list:
+    """PNG per generated image and grid.png (a row per sample: prompt images | generated images)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from lvm.tokenizer.preprocess import to_uint8
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompt_px, gen_px = to_uint8(prompt), to_uint8(generated)  # [k,H,W,3], [S,n,H,W,3]
+    paths = []
+    for si in range(gen_px.shape[0]):
+        for j in range(gen_px.shape[1]):
+            name = f"generated_{si * gen_px.shape[1] + j}.png"
+            Image.fromarray(gen_px[si, j]).save(out_dir / name)
+            paths.append(out_dir / name)
+    size, gap = prompt_px.shape[1], 8
+    cols = len(prompt_px) + gen_px.shape[1]
+    grid = np.full((gen_px.shape[0] * (size + gap) - gap, cols * size + (cols - 1) * gap + 3 * gap, 3), 255, np.uint8)
+    for si in range(gen_px.shape[0]):
+        y = si * (size + gap)
+        row = list(prompt_px) + [None] + list(gen_px[si])
+        x = 0
+        for img in row:
+            if img is None:  # a wider gap and a bar between prompt and generation
+                grid[y : y + size, x + gap : x + 2 * gap] = (200, 30, 30)
+                x += 3 * gap
+                continue
+            grid[y : y + size, x : x + size] = img
+            x += size + gap
+    Image.fromarray(grid).save(out_dir / "grid.png")
+    return paths

@@ -1,0 +1,138 @@
+"""Perplexity of visual sentences: overall, per data kind, vs number of context frames, and vs
+number of in-context example pairs.
+
+Every sentence is scored alone as `[BOS] tokens [EOS]` (cut to the model's window), one forward pass
+each, over target tokens only (everything after BOS). From the same per-token losses:
+
+- context frames: for `video` and `sequence` sentences, image j (0-based) is scored given the j
+  images before it; k = j is its number of context frames (the paper's figure: 1 -> 15 frames);
+- context pairs: for `pairs` sentences x1, y1, ..., xn, yn, annotation y_j is scored given the
+  j-1 complete example pairs before it (and its own x_j).
+Only images that lie entirely inside the window count. Results are sums of NLL and token counts,
+so ranks can score disjoint slices and add them up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lvm.data.shards import SentenceTable
+from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, TOKENS_PER_IMAGE
+
+SEQUENTIAL_KINDS = ("video", "sequence")
+
+
+class Sums:
+    """NLL sums and counts keyed by name."""
+
+    def __init__(self):
+        self.nll: dict[str, float] = defaultdict(float)
+        self.n: dict[str, float] = defaultdict(float)
+
+    def add(self, key: str, nll: float, n: int) -> None:
+        self.nll[key] += nll
+        self.n[key] += n
+
+    def reduce(self, device) -> None:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (dict(self.nll), dict(self.n)))
+        self.nll, self.n = defaultdict(float), defaultdict(float)
+        for nll, n in gathered:
+            for k in nll:
+                self.add(k, nll[k], n[k])
+
+    def ppl(self, key: str) -> float:
+        return math.exp(self.nll[key] / self.n[key])
+
+
+def sentence_ids(table: SentenceTable, i: int, window: int) -> np.ndarray:
+    return np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])[:window]
+
+
+@torch.no_grad()
+def token_losses(model, seqs: list[np.ndarray], device) -> list[np.ndarray]:
+    """Per-token NLL of tokens 1..n-1 of each sequence (right-padded batch, causal: no mask needed)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.from_numpy(s)
+        labels[r, : len(s)] = torch.from_numpy(s)
+    logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = nll.cpu().numpy()
+    return [nll[r, : len(s) - 1] for r, s in enumerate(seqs)]
+
+
+def score(model, table: SentenceTable, window: int, batch_size: int = 4, rank: int = 0, world: int = 1,
+          max_sentences: int | None = None, progress: bool = True) -> Sums:
+    device = next(model.parameters()).device
+    n = len(table) if max_sentences is None else min(max_sentences, len(table))
+    mine = list(range(rank, n, world))
+    mine.sort(key=lambda i: -int(table.offsets[i + 1] - table.offsets[i]))  # similar lengths batch together
+    sums = Sums()
+    bar = tqdm(total=len(mine), unit="sent", desc="eval", disable=not progress or rank != 0)
+    for b in range(0, len(mine), batch_size):
+        idx = mine[b : b + batch_size]
+        seqs = [sentence_ids(table, i, window) for i in idx]
+        for i, s, nll in zip(idx, seqs, token_losses(model, seqs, device), strict=True):
+            kind = str(table.kinds[i])
+            sums.add("all", float(nll.sum()), len(nll))
+            sums.add(f"kind/{kind}", float(nll.sum()), len(nll))
+            # nll[t] scores token t+1 of the sequence; image j occupies tokens 1 + 256 j ... 256 (j+1)
+            n_full = min(int(table.n_images[i]), (len(s) - 1) // TOKENS_PER_IMAGE)
+            for j in range(n_full):
+                part = nll[j * TOKENS_PER_IMAGE : (j + 1) * TOKENS_PER_IMAGE]
+                if kind in SEQUENTIAL_KINDS:
+                    sums.add(f"frames/{j}", float(part.sum()), len(part))
+                elif kind == "pairs" and j % 2 == 1:
+                    sums.add(f"pairs/{j // 2}", float(part.sum()), len(part))
+        bar.update(len(idx))
+    bar.close()
+    sums.reduce(device)
+    return sums
+
+
+def results(sums: Sums) -> dict:
+    def keyed(prefix):
+        ks = sorted(int(k.split("/")[1]) for k in sums.n if k.startswith(prefix + "/"))
+        return {str(k): sums.ppl(f"{prefix}/{k}") for k in ks}
+
+    return {
+        "perplexity": sums.ppl("all") if sums.n["all"] else float("nan"),
+        "perplexity_by_kind": {k.split("/", 1)[1]: sums.ppl(k) for k in sorted(sums.n) if k.startswith("kind/")},
+        "perplexity_by_context_frames": keyed("frames"),
+        "perplexity_by_context_pairs": keyed("pairs"),
+        "tokens": int(sums.n["all"]),
+    }
+
+
+def plot(res: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key, label in (("perplexity_by_context_frames", "next frame (video, sequence)"),
+                       ("perplexity_by_context_pairs", "annotation (in-context pairs)")):
+        d = res[key]
+        if d:
+            ax.plot([int(k) for k in d], list(d.values()), marker="o", label=label)
+    ax.set_xlabel("context images (frames / example pairs)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Perplexity vs context")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""Evaluation and generation on a real (tiny) trained checkpoint and its HF export."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lvm.data.shards import load_sentences
+from lvm.eval.generate import PromptError, Sampling, fit_prompt, sample_codes
+from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from tests.conftest import REPO, scene
+from tests.train.conftest import ENV, base_args, run_train
+
+
+@pytest.fixture(scope="module")
+def trained(train_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("evalrun") / "run"
+    run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "4",
+                           "--save-every", "4", "--seq-len", "2048"))
+    hf = run.parent / "hf"
+    subprocess.run([sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)], check=True,
+                   cwd=REPO, env=ENV, capture_output=True)
+    return run, hf
+
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, f"launch/{script}", *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True)
+
+
+def test_perplexity_is_exp_mean_nll(trained, train_shards, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    run, hf = trained
+    r = cli("evaluate.py", "--checkpoint", run, "--data", train_shards, "--out", tmp_path, "--batch-size", "3")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert (tmp_path / "context_frames.png").stat().st_size > 1000
+    # independent computation: each sentence alone, plain log-softmax, per kind and per context frame
+    model = LlamaForCausalLM.from_pretrained(hf).eval()
+    table = load_sentences(train_shards / "val")
+    nll, n, kinds, frames = 0.0, 0, {}, {}
+    for i in range(len(table)):
+        full = np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])
+        ids = torch.from_numpy(full[: model.config.max_position_embeddings])[None]  # sentences are cut to the window
+        with torch.no_grad():
+            logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        tok = -logp.gather(1, ids[0, 1:, None])[:, 0]
+        nll += float(tok.sum())
+        n += len(tok)
+        k = kinds.setdefault(str(table.kinds[i]), [0.0, 0])
+        k[0] += float(tok.sum())
+        k[1] += len(tok)
+        if table.kinds[i] in ("video", "sequence"):
+            for j in range(min(int(table.n_images[i]), len(tok) // 256)):
+                f = frames.setdefault(str(j), [0.0, 0])
+                f[0] += float(tok[j * 256 : (j + 1) * 256].sum())
+                f[1] += 256
+    assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    for kind, (s, c) in kinds.items():
+        assert res["perplexity_by_kind"][kind] == pytest.approx(math.exp(s / c), rel=1e-4)
+    for k, (s, c) in frames.items():
+        assert res["perplexity_by_context_frames"][k] == pytest.approx(math.exp(s / c), rel=1e-4)
+    assert list(res["perplexity_by_context_frames"])[0] == "0"
+
+
+def test_evaluate_with_two_ranks_equals_one(trained, train_shards, tmp_path):
+    run, _ = trained
+    one = cli("evaluate.py", "--checkpoint", run, "--data", train_shards, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29877",
+                          "launch/evaluate.py", "--checkpoint", str(run), "--data", str(train_shards), "--out", str(tmp_path / "two")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6) and a["tokens"] == b["tokens"]
+
+
+def test_generation_is_visual_reproducible_and_cache_consistent(trained):
+    from transformers import LlamaForCausalLM
+
+    _, hf = trained
+    model = LlamaForCausalLM.from_pretrained(hf).eval()
+    prompt = torch.randint(0, CODEBOOK_SIZE, (2, 256))
+    a = sample_codes(model, prompt, Sampling(n_images=1, temperature=1.0, top_k=None, seed=5, num_samples=2))
+    b = sample_codes(model, prompt, Sampling(n_images=1, temperature=1.0, top_k=None, seed=5, num_samples=2))
+    assert a.shape == (2, 1, 256) and torch.equal(a, b)
+    assert int(a.max()) < CODEBOOK_SIZE and int(a.min()) >= 0
+    greedy_cache = sample_codes(model, prompt, Sampling(temperature=0, use_cache=True))
+    greedy_nocache = sample_codes(model, prompt, Sampling(temperature=0, use_cache=False))
+    assert torch.equal(greedy_cache, greedy_nocache)
+
+
+def test_prompt_is_cut_from_the_left_by_whole_images():
+    codes = torch.arange(5 * 256).view(5, 256) % 8192
+    kept, dropped = fit_prompt(codes, window=1024, n_new=1)
+    assert dropped == 3 and torch.equal(kept, codes[3:])  # (1024 - 1 - 256) // 256 = 2 images kept
+    with pytest.raises(PromptError):
+        fit_prompt(codes, window=1024, n_new=4)
+
+
+def test_generate_cli_writes_images_and_rejects_bad_prompts(trained, tmp_path):
+    run, hf = trained
+    for i in range(2):
+        scene(i).save(tmp_path / f"p{i}.png")
+    r = cli("generate.py", "--checkpoint", run, "--prompt", tmp_path / "p0.png", tmp_path / "p1.png", "--out", tmp_path / "g",
+            "--n-images", "2", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g" / "generated_1.png").size == (256, 256)
+    assert (tmp_path / "g" / "grid.png").is_file()
+    (tmp_path / "prompt.json").write_text(json.dumps(["p0.png", "p1.png"]))
+    r2 = cli("generate.py", "--checkpoint", hf, "--prompt-file", tmp_path / "prompt.json", "--out", tmp_path / "g2", "--seed", "1",
+             "--n-images", "2")
+    assert r2.returncode == 0, r2.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "generated_0.png")), np.asarray(Image.open(tmp_path / "g2" / "generated_0.png")))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "empty_run").mkdir()
+    for args in (["--prompt", tmp_path / "missing.png"], ["--prompt", tmp_path / "bad.png"],
+                 ["--prompt", tmp_path / "p0.png", "--n-images", "9"]):
+        r = cli("generate.py", "--checkpoint", run, *args, "--out", tmp_path / "x")
+        errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert r.returncode != 0 and len(errors) == 1, r.stderr[-2000:]
+    r = cli("generate.py", "--checkpoint", tmp_path / "empty_run", "--prompt", tmp_path / "p0.png", "--out", tmp_path / "x")
+    assert r.returncode != 0 and "error:" in r.stderr and "no model" in r.stderr
