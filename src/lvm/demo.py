@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     if a.skip_train:
         return 0
     train(a)
+    evaluate_and_generate(a)
     return 0
 
 
@@ -59,7 +60,7 @@ def train(a) -> None:
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     run([deepspeed, "--num_gpus", str(ranks), "--master_port", "29561", "launch/pretrain.py",
          "--ds_config", "ds_configs/zero2.json", "--model", "tiny", "--data", a.shards, "--output", a.run,
-         "--seq-len", "1024", "--micro-batch", "4", "--max-steps", str(a.steps), "--warmup-steps", "20",
+         "--seq-len", "4096", "--micro-batch", "1", "--max-steps", str(a.steps), "--warmup-steps", "20",
          "--lr", "2e-3", "--min-lr", "2e-4", "--log-every", "25", "--eval-every", str(max(1, a.steps // 3)),
          "--save-every", str(a.steps), "--seed", str(a.seed)])
     rows = [json.loads(x) for x in (REPO / a.run / "metrics.jsonl").read_text().splitlines()]
@@ -70,6 +71,44 @@ def train(a) -> None:
           + (f"validation perplexity {va[0]['perplexity']:.1f} (step {va[0]['step']}) -> {va[-1]['perplexity']:.1f} "
              f"(step {va[-1]['step']}). " if va else "")
           + f"TensorBoard logs: tensorboard --logdir {a.run}/tensorboard; checkpoints in {a.run}/checkpoints.")
+
+
+
+def evaluate_and_generate(a) -> None:
+    """Perplexity vs context on the held-out sentences, and a generated next frame for a held-out video."""
+    from PIL import Image
+
+    from lvm.data.decode import decode_sentence
+    from lvm.data.manifest import read_manifest
+    from lvm.data.shards import load_sentences
+
+    py = sys.executable
+    out = Path(a.run) / "eval"
+    run([py, "launch/evaluate.py", "--checkpoint", a.run, "--data", a.shards, "--split", "val", "--out", str(out)])
+    val = load_sentences(REPO / a.shards / "val")
+    held_out = [str(i) for i, k in zip(val.ids, val.kinds, strict=True) if k == "video"]
+    pool = held_out or [str(i) for i in load_sentences(REPO / a.shards / "train").ids if str(i).startswith("video/")]
+    manifest = read_manifest(REPO / a.corpus / "manifest.jsonl")
+    sentence = next(s for s in manifest.sentences if s.id == pool[0])
+    frames = decode_sentence(sentence)[:4]
+    prompt_dir = REPO / a.run / "prompt"
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(prompt_dir / f"frame_{i}.png")
+        paths.append(str(prompt_dir / f"frame_{i}.png"))
+    gen = Path(a.run) / "generated"
+    run([py, "launch/generate.py", "--checkpoint", a.run, "--prompt", *paths, "--out", str(gen), "--seed", str(a.seed),
+         "--temperature", "0.8", "--top-k", "50"])
+    res = json.loads((REPO / out / "eval.json").read_text())
+    print(f"\nHeld-out perplexity {res['perplexity']:.1f}; by kind: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in res["perplexity_by_kind"].items()))
+    print("context frames | perplexity of the next frame (held-out videos and sequences)")
+    for k, v in res["perplexity_by_context_frames"].items():
+        print(f"{int(k):>14} | {v:10.1f}")
+    print(f"plot: {out / 'context_frames.png'}")
+    print(f"next frame of held-out {'video' if held_out else 'training video'} {sentence.id} from its first "
+          f"{len(paths)} frames: {gen / 'generated_0.png'} (prompt | generation: {gen / 'grid.png'})")
 
 
 if __name__ == "__main__":
