@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the embedded tokenizer's fit")
     p.add_argument("--fit-images", type=int, default=d.fit_images, help="images the embedded tokenizer is fitted on")
     p.add_argument("--device", default=None, help="tokenizer device (default: cuda if available, else cpu)")
+    p.add_argument("--rank", type=int, default=None, help="this task's slice (default: RANK or SLURM_PROCID; job arrays pass SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--world-size", type=int, default=None, help="number of slices (default: WORLD_SIZE or SLURM_NTASKS)")
     p.add_argument("--index-only", action="store_true", help="only write index.json/report.json (after all ranks)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     cfg = BuildConfig(manifest=a.manifest, out=a.out, tokenizer=a.tokenizer, workers=a.workers,
                       batch_size=a.batch_size, val_fraction=a.val_fraction,
                       sentences_per_shard=a.sentences_per_shard, max_images=a.max_images, resize=a.resize,
-                      seed=a.seed, fit_images=a.fit_images, rank=env.rank, world_size=env.world_size,
+                      seed=a.seed, fit_images=a.fit_images, rank=env.rank if a.rank is None else a.rank,
+                      world_size=env.world_size if a.world_size is None else a.world_size,
                       index_only=a.index_only, device=a.device, progress=not a.no_progress)
     try:
         summary = build_shards(cfg, overwrite=a.overwrite)

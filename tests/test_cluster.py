@@ -1,0 +1,83 @@
+"""Cluster launch on one machine: two simulated nodes via torchrun, SLURM variables by hand, scripts."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.train.conftest import ENV, PRETRAIN, base_args, free_port, read_metrics
+
+
+def launch_two(cmds_envs, timeout=300):
+    procs = [subprocess.Popen(c, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c, e in cmds_envs]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, o in zip(procs, outs, strict=True):
+        assert p.returncode == 0, o[-4000:]
+    return outs
+
+
+def test_torchrun_two_nodes(train_shards, tmp_path):
+    run = tmp_path / "run"
+    port = free_port()
+    args = base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "3", "--save-every", "3")
+    cmds = [([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(r),
+              "--master-addr", "127.0.0.1", "--master-port", str(port), PRETRAIN, *args], ENV) for r in (0, 1)]
+    outs = launch_two(cmds)
+    assert "world 2" in outs[0]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert sorted(read_metrics(run)) == [1, 2, 3]
+
+
+def test_srun_style_slurm_variables(train_shards, tmp_path):
+    run = tmp_path / "run"
+    port = str(free_port())
+    args = base_args(train_shards, run, "--ds_config", "ds_configs/zero3.json", "--max-steps", "2", "--save-every", "2")
+    clean = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    cmds = [([sys.executable, PRETRAIN, *args],
+             {**clean, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
+              "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": port}) for r in (0, 1)]
+    outs = launch_two(cmds)
+    assert "ZeRO-3" in outs[0] and "world 2" in outs[0]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_make_shards_slices_by_rank_equal_one_run(mixed_corpus, small_tokenizer, tmp_path):
+    from tests.data.test_make_shards import tree_bytes
+
+    base = [sys.executable, "data_prep/make_shards.py", "--manifest", str(mixed_corpus["manifest"]),
+            "--tokenizer", f"patch-kmeans:{small_tokenizer}", "--workers", "0", "--sentences-per-shard", "3", "--no-progress"]
+    subprocess.run(base + ["--out", str(tmp_path / "one")], check=True, cwd=REPO, capture_output=True)
+    for r in (1, 0):  # slices in any order, as array tasks would run
+        env = {**ENV, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2"}
+        env.pop("RANK", None)
+        env.pop("WORLD_SIZE", None)
+        subprocess.run(base + ["--out", str(tmp_path / "two")], check=True, cwd=REPO, env=env, capture_output=True)
+    subprocess.run(base + ["--out", str(tmp_path / "two"), "--index-only"], check=True, cwd=REPO, capture_output=True)
+    assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
+
+
+def test_hostfile_cli(tmp_path):
+    r = subprocess.run([sys.executable, "launch/hostfile.py", "--nodelist", "gpu[01-02,07],cpu-a[1-2]", "--slots", "4"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == ["gpu01 slots=4", "gpu02 slots=4", "gpu07 slots=4", "cpu-a1 slots=4", "cpu-a2 slots=4"]
+    env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "2"}
+    subprocess.run([sys.executable, "launch/hostfile.py", "-o", str(tmp_path / "hf")], cwd=REPO, env=env, check=True)
+    assert (tmp_path / "hf").read_text() == "n1 slots=2\nn2 slots=2\n"
+    env.pop("SLURM_JOB_NODELIST")
+    r = subprocess.run([sys.executable, "launch/hostfile.py"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error:")
+
+
+SCRIPTS = sorted(str(p) for p in (REPO / "launch" / "slurm").iterdir() if p.is_file())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", script], check=True)
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
