@@ -40,7 +40,7 @@ demo: venv
 	$(PY) -m lvm.demo --corpus $(CORPUS) --shards $(SHARDS) --seed $(SEED)
 
 bench: venv
-	$(PY) bench/bench_shards.py
+	set -e; for b in bench/bench_*.py; do $(PY) $$b; done
 
 lint: venv
 	$(PY) -m ruff check src data_prep launch tests bench

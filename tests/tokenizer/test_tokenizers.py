@@ -97,3 +97,10 @@ def test_patch_kmeans_is_deterministic_and_reconstructs_photos(tmp_path):
     assert torch.equal(loaded.encode(to_pixels(imgs)), codes)
     with pytest.raises(ValueError):
         a.decode(torch.tensor([[8192] * 256]))
+
+
+def test_patch_kmeans_fits_on_fewer_patches_than_codes():
+    frames = photos()[:3]  # 768 patches for 8192 codes
+    tok = PatchKMeansTokenizer.fit(frames, iters=2)
+    codes = tok.encode(to_pixels(frames))
+    assert codes.max() < 8192 and tok.decode(codes).shape == (3, 3, 256, 256)

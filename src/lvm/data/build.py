@@ -252,6 +252,8 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
     pool = ctx.Pool(cfg.workers) if cfg.workers > 0 and not cfg.index_only else None
     try:
         tok = resolve_tokenizer(cfg, train, pool)
+        fit_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if tok.codebook_size != CODEBOOK_SIZE or tok.image_size != IMAGE_SIZE or tok.tokens_per_image != TOKENS_PER_IMAGE:
             raise SystemExit(f"error: tokenizer {tok.spec} makes {tok.tokens_per_image} codes of {tok.codebook_size} "
                              f"per {tok.image_size}px image; this pipeline needs {TOKENS_PER_IMAGE} of {CODEBOOK_SIZE} at {IMAGE_SIZE}px")
@@ -280,7 +282,7 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
             pool.join()
     elapsed = time.perf_counter() - t0
     report = write_index(out, plan, manifest.skipped, tok_info) if cfg.rank == 0 or cfg.index_only else None
-    return {"out": str(out), "report": report, "this_run": stats, "seconds": elapsed,
+    return {"out": str(out), "report": report, "this_run": stats, "seconds": elapsed, "tokenizer_seconds": fit_seconds,
             "images_per_s": stats["images"] / elapsed if elapsed > 0 else 0.0,
             "planned_shards": len(plan), "tokenizer": tok_info["spec"]}
 
@@ -297,7 +299,7 @@ def summary_line(s: dict) -> str:
     return (f"wrote {sent} sentences ({imgs} images, {imgs * TOKENS_PER_IMAGE} tokens; train {w['train']['sentences']}, "
             f"val {w['val']['sentences']}) in {shards} shards to {s['out']}, {r['bytes_per_image']} B/image; "
             f"skipped {r['skipped_count']} (see report.json); this run {s['this_run']['images']} images in "
-            f"{s['seconds']:.1f}s = {s['images_per_s']:.0f} img/s")
+            f"{s['seconds']:.1f}s = {s['images_per_s']:.0f} img/s (+ {s['tokenizer_seconds']:.1f}s loading/fitting the tokenizer)")
 
 
 __all__ = ["BuildConfig", "build_shards", "summary_line", "tokenizer_from_shards", "plan_shards", "is_val"]

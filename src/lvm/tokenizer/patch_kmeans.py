@@ -67,7 +67,8 @@ def fit_kmeans(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.Te
         centroids[alive] = sums[alive] / counts[alive, None].float()
         n_dead = int((~alive).sum())
         if n_dead:
-            worst = torch.argsort(d, descending=True, stable=True)[:n_dead]
+            order = torch.argsort(d, descending=True, stable=True)
+            worst = order[torch.arange(n_dead) % len(order)]  # fewer points than codes: reuse them
             centroids[~alive] = x[worst]
     _, d = nearest(x, centroids, centroids.pow(2).sum(1))
     return centroids, float(d.mean())
