@@ -91,6 +91,23 @@ def cpu_rows(table, seq_len=1024, micro=4) -> list:
     ]
 
 
+def gpu_step_seconds(model, opt, ids, steps: int = 10) -> float:
+    def step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
 def gpu_rows() -> list:
     """MFU of the 300m and 1b presets at seq 4096, bf16, one GPU, with fused AdamW."""
     rows = []
@@ -101,21 +118,7 @@ def gpu_rows() -> list:
         model = build_model(cfg, {"zero_optimization": {"stage": 0}}, grad_ckpt=False)[0].cuda().to(torch.bfloat16)
         opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
         ids = torch.randint(0, 8192, (micro, 4096), device="cuda")
-
-        def step():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / 10
+        dt = gpu_step_seconds(model, opt, ids)
         tps = micro * 4096 / dt
         mfu = flops_per_token(cfg, 4096) * tps / peak if peak else float("nan")
         rows.append([f"{name} ({count_parameters(cfg) / 1e6:.0f}M) bf16 seq 4096 micro {micro}", f"{tps:,.0f} tok/s",
