@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
         s = score(model, t, window, a.batch_size, env.rank, env.world_size, a.max_sentences)
         for k in s.n:
             total.add(k, s.nll[k], s.n[k])
+    if env.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if env.rank != 0:
         return 0
     res = results(total)
@@ -82,4 +86,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # skip teardown of the communication backends' native threads (see launch/pretrain.py)

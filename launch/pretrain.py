@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lvm.train.options import parse_options
@@ -24,4 +25,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # Everything is saved and the process group is gone; skip interpreter teardown, where native
+    # threads of the communication backends have been seen to abort the process (SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

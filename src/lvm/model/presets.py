@@ -87,7 +87,12 @@ def llama_config(model: str, seq_len: int = DEFAULT_SEQ_LEN) -> LlamaConfig:
     """A preset name or a path to a LlamaConfig JSON -> the config this pipeline trains."""
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig.from_dict(_config_dict(model))
+    try:
+        cfg = LlamaConfig.from_dict(_config_dict(model))
+    except ValueError:
+        raise
+    except Exception as e:  # transformers' strict field validation has its own error types
+        raise ValueError(f"--model {model}: invalid LlamaConfig: {str(e).splitlines()[0]} {str(e).splitlines()[-1]}") from None
     cfg.max_position_embeddings = seq_len
     cfg.rms_norm_eps = 1e-6
     cfg.tie_word_embeddings = False

@@ -85,7 +85,25 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def shutdown(barrier: bool) -> None:
+    """Leave the process group cleanly: a gloo/NCCL group left to interpreter exit can abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def train(opts: RunOptions, given: set[str]) -> int:
+    try:
+        rc = _train(opts, given)
+    except BaseException:
+        shutdown(barrier=False)  # another rank may not have failed: do not wait for it
+        raise
+    shutdown(barrier=True)
+    return rc
+
+
+def _train(opts: RunOptions, given: set[str]) -> int:
     import deepspeed
 
     env = launch_env()
