@@ -77,3 +77,15 @@ def test_pretrain_accepts_a_planned_config(train_shards, tmp_path):
     args.remove("2")
     r = run_train(1, args)
     assert f"micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout
+
+
+def test_pretrain_plans_auto_values_from_a_memory_budget(train_shards, tmp_path):
+    from tests.train.conftest import base_args, run_train
+
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", "ds_configs/zero2.json", "--max-steps", "1",
+                     "--gpu-mem-gib", "2", "--global-batch-tokens", str(256 * 4))
+    args.remove("--micro-batch")
+    args.remove("2")
+    r = run_train(1, args)
+    plan = search(Request(model_shape("tiny"), 1, 1, 2, None, 256, 256 * 4))
+    assert f"micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout

@@ -81,8 +81,13 @@ def score(model, table: SentenceTable, window: int, batch_size: int = 4, rank: i
     mine.sort(key=lambda i: -int(table.offsets[i + 1] - table.offsets[i]))  # similar lengths batch together
     sums = Sums()
     bar = tqdm(total=len(mine), unit="sent", desc="eval", disable=not progress or rank != 0)
-    for b in range(0, len(mine), batch_size):
+    # every rank runs the same number of forward passes: ZeRO-3 gathers weights collectively
+    n_batches = math.ceil(math.ceil(n / world) / batch_size) if n else 0
+    for b in range(0, n_batches * batch_size, batch_size):
         idx = mine[b : b + batch_size]
+        if not idx:
+            token_losses(model, [np.array([BOS_ID, EOS_ID])], device)
+            continue
         seqs = [sentence_ids(table, i, window) for i in idx]
         for i, s, nll in zip(idx, seqs, token_losses(model, seqs, device), strict=True):
             kind = str(table.kinds[i])

@@ -70,14 +70,7 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
     if planned.get("activation_checkpointing") and "grad_ckpt" not in given:
         opts.grad_ckpt = True
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}})
-    if "global_batch_tokens" in given:
-        per_step = opts.micro_batch * world_size * opts.seq_len
-        if opts.global_batch_tokens % per_step:
-            raise ConfigError(f"--global-batch-tokens {opts.global_batch_tokens} is not a multiple of micro batch x "
-                              f"world size x seq len = {opts.micro_batch} x {world_size} x {opts.seq_len} = {per_step}")
-        opts.grad_accum = opts.global_batch_tokens // per_step
-        given = given | {"grad_accum"}
-    for path, field, flag in OWNED:
+    def settle(path, field, flag):
         cur = _get(ds, path)
         mine = getattr(opts, field)
         if cur is None or cur == "auto":
@@ -87,6 +80,17 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
                               "JSON to let the flag decide, or drop the flag")
         else:
             setattr(opts, field, type(mine)(cur))
+
+    settle(*OWNED[0])  # the micro batch first: the global batch arithmetic needs it
+    if "global_batch_tokens" in given:
+        per_step = opts.micro_batch * world_size * opts.seq_len
+        if opts.global_batch_tokens % per_step:
+            raise ConfigError(f"--global-batch-tokens {opts.global_batch_tokens} is not a multiple of micro batch x "
+                              f"world size x seq len = {opts.micro_batch} x {world_size} x {opts.seq_len} = {per_step}")
+        opts.grad_accum = opts.global_batch_tokens // per_step
+        given = given | {"grad_accum"}
+    for entry in OWNED[1:]:
+        settle(*entry)
     tb = ds.get("train_batch_size", "auto")
     want = opts.micro_batch * opts.grad_accum * world_size
     if tb not in ("auto", None) and int(tb) != want:

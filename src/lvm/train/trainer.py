@@ -188,7 +188,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     def validate():
         if val_table is None or opts.eval_every == 0:
             return
-        r = evaluate(engine, val_table, opts.seq_len, opts.micro_batch, device, env.rank, env.world_size, opts.eval_max_sentences)
+        r = evaluate(engine, val_table, opts.seq_len, opts.micro_batch, env.rank, env.world_size, opts.eval_max_sentences)
         flat = {"loss": r["loss"], "perplexity": r["perplexity"], **{f"perplexity/{k}": v for k, v in r["perplexity_by_kind"].items()}}
         log.log(step, flat, prefix="val")
         kinds = " ".join(f"{k} {v:.1f}" for k, v in r["perplexity_by_kind"].items())
