@@ -19,8 +19,9 @@ def mean(xs):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_loss_falls_with_two_ranks(train_shards, tmp_path, stage):
     run = tmp_path / f"z{stage}"
+    extra = ["--grad-ckpt"] if stage == 3 else []  # activation checkpointing under ZeRO-3
     r = run_train(2, base_args(train_shards, run, "--ds_config", f"ds_configs/zero{stage}.json", "--max-steps", "30",
-                               "--eval-every", "30", "--save-every", "30"))
+                               "--eval-every", "30", "--save-every", "10", "--keep-last", "2", *extra))
     m = read_metrics(run)
     losses = [m[s]["loss"] for s in sorted(m)]
     assert len(losses) == 30
@@ -31,6 +32,7 @@ def test_loss_falls_with_two_ranks(train_shards, tmp_path, stage):
     assert val and "perplexity" in val[-1] and any(k.startswith("perplexity/") for k in val[-1])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000030"]
 
 
 def test_resume_equals_uninterrupted_and_survives_sigkill(train_shards, tmp_path):
