@@ -67,3 +67,19 @@ def test_checkpoints_of_another_run_shape_are_refused(train_shards, tmp_path):
     run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "1", "--save-every", "1"))
     err = one_line_error(run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero3.json", "--max-steps", "2"), check=False))
     assert "zero_stage" in err
+
+
+def test_non_finite_losses_skip_updates_then_stop(train_shards, tmp_path):
+    """rope_theta 0 makes RoPE frequencies infinite: every loss is NaN from the first step."""
+    bad = tmp_path / "nan_model.json"
+    bad.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "rope_theta": 0.0}))
+    run = tmp_path / "r"
+    r = run_train(1, base_args(train_shards, run, "--model", str(bad), "--ds_config", "ds_configs/zero2.json",
+                               "--max-steps", "20", "--max-bad-steps", "3"), check=False)
+    err = one_line_error(r)
+    assert "3 consecutive steps" in err
+    assert r.stdout.count("update skipped") == 3
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("loss" not in x for x in rows)  # no made-up loss for a step without a finite one
+    assert rows[-1]["skipped_steps"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -48,8 +49,10 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
+        # non-finite numbers (an overflowed gradient norm) would make metrics.jsonl invalid JSON
+        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         for k, v in metrics.items():
-            if isinstance(v, (int, float)) and v is not None:
+            if isinstance(v, (int, float)):
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
         self.jsonl.flush()

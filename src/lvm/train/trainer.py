@@ -212,21 +212,24 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             engine.step()
         step += 1
         steps_since += 1
+        # DeepSpeed itself skips (and clears) an update whose gradient norm is not finite
+        bad = bad or not engine.was_step_applied()
         if bad:
             skipped_steps += 1
             bad_in_row += 1
-            log.console(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
+            log.console(f"step {step}: non-finite loss or gradients, update skipped ({bad_in_row} in a row)")
             if bad_in_row >= opts.max_bad_steps:
                 log.close()
-                raise SystemExit(f"error: {bad_in_row} consecutive steps had a non-finite loss: lower --lr, check the data, "
-                                 "or resume from an earlier checkpoint")
+                raise SystemExit(f"error: {bad_in_row} consecutive steps had a non-finite loss or gradient norm: lower --lr, "
+                                 "check the data and model config, or resume from an earlier checkpoint")
         else:
             bad_in_row = 0
+        if micro_losses:
             window_losses.append(sum(micro_losses) / len(micro_losses))
         if step % opts.log_every == 0 or step == opts.max_steps:
             dt = time.perf_counter() - t_last
             tps = tokens_per_step * steps_since / dt
-            loss_mean = all_mean(sum(window_losses) / max(len(window_losses), 1), device)
+            loss_mean = all_mean(sum(window_losses) / len(window_losses), device) if window_losses else None
             gn = engine.get_global_grad_norm()
             m = {"loss": loss_mean, "lr": lr_at(step - 1, opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps),
                  "grad_norm": float(gn) if gn is not None else None, "tokens_per_s": tps,
@@ -235,7 +238,8 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             log.log(step, {k: v for k, v in m.items() if v is not None})
             mfu = f" mfu {m['mfu']:.1%}" if m["mfu"] is not None else ""
             mem = f" mem {m['memory_gib']:.1f}GiB" if m["memory_gib"] is not None else ""
-            log.console(f"step {step}/{opts.max_steps} loss {loss_mean:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm'] or 0:.3f} "
+            shown = f"{loss_mean:.4f}" if loss_mean is not None else "n/a"
+            log.console(f"step {step}/{opts.max_steps} loss {shown} lr {m['lr']:.2e} gnorm {m['grad_norm'] or 0:.3f} "
                         f"{tps:,.0f} tok/s{mfu}{mem} epoch {loader.epoch:.2f}")
             window_losses, t_last, steps_since = [], time.perf_counter(), 0
         if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps:
