@@ -37,12 +37,6 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def no_decay(name: str) -> bool:
     return "norm" in name or name.endswith(".bias")
@@ -68,21 +62,6 @@ def build_model(cfg, ds: dict, grad_ckpt: bool):
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, keepalive
-
-
-def all_mean(x: float, device) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t.item())
-
-
-def any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def shutdown(barrier: bool) -> None:
@@ -172,7 +151,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     peak = device_peak_flops()
     fpt = flops_per_token(cfg, opts.seq_len)
     tokens_per_step = opts.micro_batch * opts.grad_accum * env.world_size * opts.seq_len
-    bad_in_row, window_losses, t_last, steps_since = 0, [], time.perf_counter(), 0
+    bad_in_row, t_last, steps_since = 0, time.perf_counter(), 0
 
     def save(reason: str):
         tag = ckpt.tag_for(step)
@@ -195,25 +174,33 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         log.console(f"step {step} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} | {kinds}")
 
     engine.train()
+    # Losses stay on the device; the host syncs once per optimizer step, for one all-reduce that
+    # carries the count of non-finite losses and the stop request, just before the update.
+    win_loss = torch.zeros((), dtype=torch.float64, device=device)
+    win_n = torch.zeros((), dtype=torch.float64, device=device)
     while step < opts.max_steps:
-        bad, micro_losses = False, []
+        nonfinite = torch.zeros((), device=device)
         for micro in range(opts.grad_accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in loader.next_batch().model_inputs().items()}
             loss = engine(**batch, use_cache=False).loss
-            if any_rank(not torch.isfinite(loss).item(), device):
-                bad = True
-                loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # zero gradient from this micro-batch
-            else:
-                micro_losses.append(loss.item())
-            engine.backward(loss)
-            if bad and micro == opts.grad_accum - 1:
-                for g in optimizer.param_groups:
-                    g["lr"] = 0.0  # the update is skipped; the scheduler resets lr at the next step
+            ok = torch.isfinite(loss.detach())
+            nonfinite += ~ok
+            win_loss += torch.where(ok, loss.detach().double(), 0.0)
+            win_n += ok
+            engine.backward(torch.where(ok, loss, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0))
+            if micro == opts.grad_accum - 1:
+                flags = torch.stack([nonfinite, torch.tensor(1.0 if stop.signal else 0.0, device=device)])
+                if dist.is_initialized():
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad_loss, stop_now = (bool(x) for x in flags.tolist())
+                if bad_loss:
+                    for g in optimizer.param_groups:
+                        g["lr"] = 0.0  # the update is skipped; the scheduler sets lr again next step
             engine.step()
         step += 1
         steps_since += 1
         # DeepSpeed itself skips (and clears) an update whose gradient norm is not finite
-        bad = bad or not engine.was_step_applied()
+        bad = bad_loss or not engine.was_step_applied()
         if bad:
             skipped_steps += 1
             bad_in_row += 1
@@ -224,12 +211,14 @@ def _train(opts: RunOptions, given: set[str]) -> int:
                                  "check the data and model config, or resume from an earlier checkpoint")
         else:
             bad_in_row = 0
-        if micro_losses:
-            window_losses.append(sum(micro_losses) / len(micro_losses))
         if step % opts.log_every == 0 or step == opts.max_steps:
             dt = time.perf_counter() - t_last
             tps = tokens_per_step * steps_since / dt
-            loss_mean = all_mean(sum(window_losses) / len(window_losses), device) if window_losses else None
+            sums = torch.stack([win_loss, win_n])
+            if dist.is_initialized():
+                dist.all_reduce(sums)
+            total, count = sums.tolist()
+            loss_mean = total / count if count else None
             gn = engine.get_global_grad_norm()
             m = {"loss": loss_mean, "lr": lr_at(step - 1, opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps),
                  "grad_norm": float(gn) if gn is not None else None, "tokens_per_s": tps,
@@ -241,10 +230,12 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             shown = f"{loss_mean:.4f}" if loss_mean is not None else "n/a"
             log.console(f"step {step}/{opts.max_steps} loss {shown} lr {m['lr']:.2e} gnorm {m['grad_norm'] or 0:.3f} "
                         f"{tps:,.0f} tok/s{mfu}{mem} epoch {loader.epoch:.2f}")
-            window_losses, t_last, steps_since = [], time.perf_counter(), 0
+            win_loss.zero_()
+            win_n.zero_()
+            t_last, steps_since = time.perf_counter(), 0
         if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps:
             validate()
-        if stop.agreed(device):
+        if stop_now:
             save(f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}")
             log.console("stopping on request; resume with --resume auto")
             log.close()
