@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (slow; for checks)")
     a = p.parse_args(argv)
 
-    from lvm.eval.generate import PromptError, Sampling, fit_prompt, sample_codes, save_outputs
+    from lvm.eval.generate import PromptError, Sampling, fit_prompt, prompt_room, sample_codes, save_outputs
     from lvm.eval.model_io import ModelLoadError, load_model, model_window
     from lvm.tokenizer import load_tokenizer
     from lvm.tokenizer.preprocess import SourceError, load_image, to_pixels
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                 frames.append(load_image(path))
             except SourceError as e:
                 raise PromptError(f"prompt image {path}: {e}") from None
-        fit_prompt(torch.zeros(1, 256, dtype=torch.long), model_window(a.checkpoint), a.n_images)  # before reading weights
+        prompt_room(model_window(a.checkpoint), a.n_images)  # checked before any weights are read
         model, info = load_model(a.checkpoint)
         spec = a.tokenizer or (info or {}).get("spec_resolved") or (info or {}).get("spec")
         if not spec:

@@ -105,14 +105,18 @@ def test_fits_embedded_tokenizer_when_none_given(tmp_path):
     assert img.shape == (1, 3, 256, 256)
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
     r = subprocess.run([sys.executable, str(SCRIPT), "--manifest", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "kind": "image", "images": ["missing.png"]}\n')
     r = subprocess.run([sys.executable, str(SCRIPT), "--manifest", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o2"),
-                        "--tokenizer", "patch-kmeans:" + str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode != 0 and "error:" in r.stderr
+                        "--tokenizer", f"patch-kmeans:{small_tokenizer}", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 1 and "error: nothing was written" in r.stderr
+    assert json.loads((tmp_path / "o2" / "report.json").read_text())["skipped"][0]["reason"] == "file not found"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--manifest", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o3"),
+                        "--tokenizer", f"patch-kmeans:{tmp_path / 'no_codebook'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: tokenizer folder")
 
 
 def test_sigkill_then_resume_gives_identical_output(mixed_corpus, small_tokenizer, tmp_path):

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -111,9 +112,9 @@ ids = torch.arange(40).view(2, 20) * 97 % 8192
 with torch.no_grad():
     torch.save(engine(input_ids=ids).logits, '{probe}')
 """
-    subprocess.run([os.sys.executable, "-c", code], check=True, cwd=REPO, env=ENV, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=ENV, capture_output=True, timeout=300)
     hf = tmp_path / "hf"
-    r = subprocess.run([os.sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)],
+    r = subprocess.run([sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)],
                        cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     model = LlamaForCausalLM.from_pretrained(hf).eval()

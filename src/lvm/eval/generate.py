@@ -44,14 +44,18 @@ def visual_only_processor():
     return VisualOnly()
 
 
+def prompt_room(window: int, n_new: int) -> int:
+    """How many whole prompt images fit the window next to BOS and `n_new` new images (>= 1, else PromptError)."""
+    images = (window - 1 - n_new * TOKENS_PER_IMAGE) // TOKENS_PER_IMAGE
+    if images < 1:
+        raise PromptError(f"{n_new} new images ({n_new * TOKENS_PER_IMAGE} tokens) leave no room for a prompt image "
+                          f"in the model's window of {window} tokens")
+    return images
+
+
 def fit_prompt(prompt_codes: torch.Tensor, window: int, n_new: int) -> tuple[torch.Tensor, int]:
     """Keep the last whole images that fit with BOS and the new images; (codes [k, 256], dropped count)."""
-    room = window - 1 - n_new * TOKENS_PER_IMAGE
-    if room < 0:
-        raise PromptError(f"{n_new} new images ({n_new * TOKENS_PER_IMAGE} tokens) do not fit the model's window of {window} tokens")
-    keep = min(len(prompt_codes), room // TOKENS_PER_IMAGE)
-    if keep == 0:
-        raise PromptError(f"no prompt image fits the window of {window} tokens next to {n_new} new images")
+    keep = min(len(prompt_codes), prompt_room(window, n_new))
     return prompt_codes[len(prompt_codes) - keep :], len(prompt_codes) - keep
 
 

@@ -14,7 +14,8 @@ class ModelLoadError(ValueError):
 
 
 def is_hf_folder(p: Path) -> bool:
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file()
+    has_weights = any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file()
+    return (p / "config.json").is_file() and has_weights
 
 
 def model_window(path: str | Path) -> int:

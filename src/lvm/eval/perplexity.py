@@ -40,7 +40,7 @@ class Sums:
         self.nll[key] += nll
         self.n[key] += n
 
-    def reduce(self, device) -> None:
+    def reduce(self) -> None:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         gathered: list = [None] * dist.get_world_size()
@@ -103,7 +103,7 @@ def score(model, table: SentenceTable, window: int, batch_size: int = 4, rank: i
                     sums.add(f"pairs/{j // 2}", float(part.sum()), len(part))
         bar.update(len(idx))
     bar.close()
-    sums.reduce(device)
+    sums.reduce()
     return sums
 
 

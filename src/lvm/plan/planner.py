@@ -78,7 +78,6 @@ def micro_batches(per_gpu: int | None, cap: int = 64) -> list[int]:
 
 
 def evaluate(req: Request, s: Setting) -> Breakdown:
-    s = fit_buckets(req, s)
     return breakdown(req.cfg, s, req.seq_len, req.dp, req.gpus_per_node)
 
 
@@ -110,8 +109,8 @@ def search(req: Request) -> Plan:
                            f"{mb * accum * req.dp * req.seq_len} tokens per step",
                            "activation checkpointing " + ("on: without it the activations do not fit" if ckpt else "off: the activations fit")]
                 return Plan(s, accum, m, reasons)
-    no_off = evaluate(req, Setting(3, 1, True, req.dtype))
-    full_off = evaluate(req, Setting(3, 1, True, req.dtype, True, True))
+    no_off = evaluate(req, fit_buckets(req, Setting(3, 1, True, req.dtype)))
+    full_off = evaluate(req, fit_buckets(req, Setting(3, 1, True, req.dtype, True, True)))
     have = f"{req.gpu_mem_gib:g} GiB per GPU" + (f" and {req.cpu_mem_gib:g} GiB CPU per node" if req.cpu_mem_gib is not None else "")
     raise PlanError(f"nothing fits in {have}: the smallest budget is {no_off.total / GiB:.1f} GiB per GPU without offload "
                     f"(ZeRO-3, checkpointing, micro-batch 1), or {full_off.total / GiB:.1f} GiB per GPU with "

@@ -29,6 +29,7 @@ from lvm.model.vocab import IMAGE_SIZE
 RESIZE_MODES = ("squash", "center-crop")
 # Pillow's default bomb limit (~89M pixels) is also ours; over it an image is refused, not decoded.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never padded with grey
 
 
 class SourceError(Exception):
@@ -86,7 +87,6 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
         data = bytes(source)
     if not data:
         raise SourceError("empty file")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

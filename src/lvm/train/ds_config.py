@@ -115,8 +115,7 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
     stage = int(_get(ds, ("zero_optimization", "stage")) or 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ds_config zero_optimization.stage={stage}: must be 0-3")
-    for k in ("steps_per_print",):
-        ds.setdefault(k, 10**9)  # our own logger reports progress
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports progress
     leftover = [".".join(p) for p in _auto_paths(ds)]
     if leftover:
         raise ConfigError(f"ds_config leaves {', '.join(leftover)} as \"auto\" and no flag fills them "

@@ -54,8 +54,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.save_pretrained(str(out))
-    for name in ("tokenizer.json",):  # what made the tokens travels with the model
-        if (run_dir / name).is_file():
-            (out / "lvm_tokenizer.json").write_text((run_dir / name).read_text())
+    if (run_dir / "tokenizer.json").is_file():  # what made the tokens travels with the model
+        (out / "lvm_tokenizer.json").write_text((run_dir / "tokenizer.json").read_text())
     (out / "lvm_export.json").write_text(json.dumps({"run": str(run_dir), "tag": tag}, indent=2))
     return out
