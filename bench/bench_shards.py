@@ -84,7 +84,7 @@ def main() -> int:
                      "146.2M params; ~216 GFLOP/img"])
         for workers in (0, 2):
             out = tmp / f"shards{workers}"
-            s = build_shards(BuildConfig(manifest=str(manifest), out=str(out), tokenizer="patch-kmeans", workers=workers,
+            s = build_shards(BuildConfig(inputs=[str(manifest)], out=str(out), tokenizer="patch-kmeans", workers=workers,
                                          fit_images=2048, progress=False))
             shard_rate = s["images_per_s"]
             rows.append([f"make_shards end to end (--workers {workers})", f"{shard_rate:,.0f} img/s",

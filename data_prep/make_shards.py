@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Tokenize a corpus manifest into Arrow shards of visual sentences (see lvm.data.build)."""
+"""Tokenize a corpus into Arrow shards of visual sentences (see lvm.data.build and lvm.data.units).
+
+Inputs (--input, repeatable): JSONL manifests, folders of them, webdataset tars, or patterns of tars
+with brace notation or globs, expanded here (quote them): --input 'laion/{00000..09999}.tar'.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +11,39 @@ import argparse
 import sys
 
 from lvm.data.build import BuildConfig, build_shards, summary_line
-from lvm.launch_env import launch_env
+from lvm.data.units import DEFAULT_PART_BYTES
+from lvm.launch_env import work_slice
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d = BuildConfig(manifest="", out="")
+    d = BuildConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--manifest", required=True, help="JSONL manifest, one visual sentence per line")
+    p.add_argument("--input", "--manifest", dest="inputs", action="append", required=True, metavar="SPEC",
+                   help="a JSONL manifest, a folder of *.jsonl, a webdataset .tar, or a pattern of tars "
+                        "('laion/{00000..09999}.tar', 'laion/*.tar'); repeatable")
     p.add_argument("--out", required=True, help="output folder: train/, val/, tokenizer.json, index.json, report.json")
     p.add_argument("--tokenizer", default=d.tokenizer,
                    help="vqgan:<dir> (local MaskGIT/MUSE VQGAN weights), patch-kmeans:<dir>, or patch-kmeans "
-                        "(fit the embedded codebook on this corpus, saved in OUT/tokenizer)")
+                        "(the embedded codebook fitted on this corpus, in OUT/tokenizer; see --fit-only)")
+    p.add_argument("--fit-only", action="store_true",
+                   help="only fit the embedded tokenizer (once, before the ranks or array tasks run)")
     p.add_argument("--workers", type=int, default=d.workers, help="decode processes (0: decode in this process)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per tokenizer batch")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of sentence ids held out in val/")
-    p.add_argument("--sentences-per-shard", type=int, default=d.sentences_per_shard)
+    p.add_argument("--sentences-per-shard", type=int, default=d.sentences_per_shard,
+                   help="an input unit's output is cut into shards of at most this many sentences")
+    p.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES,
+                   help="a manifest larger than this is cut into units of this many bytes")
     p.add_argument("--max-images", type=int, default=d.max_images, help="longer sentences are split into chunks")
     p.add_argument("--resize", choices=["squash", "center-crop"], default=d.resize,
                    help="squash: resize to 256x256 as LVM did; center-crop: keep aspect, crop the centre")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the embedded tokenizer's fit")
     p.add_argument("--fit-images", type=int, default=d.fit_images, help="images the embedded tokenizer is fitted on")
-    p.add_argument("--device", default=None, help="tokenizer device (default: cuda if available, else cpu)")
-    p.add_argument("--rank", type=int, default=None, help="this task's slice (default: RANK or SLURM_PROCID; job arrays pass SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--world-size", type=int, default=None, help="number of slices (default: WORLD_SIZE or SLURM_NTASKS)")
+    p.add_argument("--device", default=None, help="tokenizer device (default: cuda:LOCAL_RANK if a GPU is visible, else cpu)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="this task's slice (default: RANK or SLURM_PROCID, combined with SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of slices (default: WORLD_SIZE or SLURM_NTASKS, times SLURM_ARRAY_TASK_COUNT)")
     p.add_argument("--index-only", action="store_true", help="only write index.json/report.json (after all ranks)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -38,13 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    env = launch_env()
-    cfg = BuildConfig(manifest=a.manifest, out=a.out, tokenizer=a.tokenizer, workers=a.workers,
+    rank, world = work_slice()
+    cfg = BuildConfig(inputs=a.inputs, out=a.out, tokenizer=a.tokenizer, workers=a.workers,
                       batch_size=a.batch_size, val_fraction=a.val_fraction,
-                      sentences_per_shard=a.sentences_per_shard, max_images=a.max_images, resize=a.resize,
-                      seed=a.seed, fit_images=a.fit_images, rank=env.rank if a.rank is None else a.rank,
-                      world_size=env.world_size if a.world_size is None else a.world_size,
-                      index_only=a.index_only, device=a.device, progress=not a.no_progress)
+                      sentences_per_shard=a.sentences_per_shard, part_bytes=a.part_bytes, max_images=a.max_images,
+                      resize=a.resize, seed=a.seed, fit_images=a.fit_images,
+                      rank=rank if a.rank is None else a.rank, world_size=world if a.world_size is None else a.world_size,
+                      index_only=a.index_only, fit_only=a.fit_only, device=a.device, progress=not a.no_progress)
     try:
         summary = build_shards(cfg, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError) as e:

@@ -148,6 +148,6 @@ def train_shards(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.mktemp("train_data")
     manifest = make_corpus(root / "corpus", seed=7, size=CorpusSize(videos=6, gifs=1, sequences=3, frames=8, pairs_per_task=8, images=12))
     out = root / "shards"
-    build_shards(BuildConfig(manifest=str(manifest), out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
+    build_shards(BuildConfig(inputs=[str(manifest)], out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
                              workers=0, val_fraction=0.25, sentences_per_shard=8, progress=False))
     return out

@@ -74,3 +74,26 @@ def export_torch_env(le: LaunchEnv) -> None:
     """Set the variables torch.distributed's env:// rendezvous reads."""
     os.environ.update(RANK=str(le.rank), LOCAL_RANK=str(le.local_rank), WORLD_SIZE=str(le.world_size),
                       MASTER_ADDR=le.master_addr, MASTER_PORT=str(le.master_port))
+
+
+def local_device(le: LaunchEnv | None = None):
+    """This process's accelerator: `cuda:LOCAL_RANK` modulo the visible GPUs (a cluster that binds one
+    visible GPU per task shows each task only `cuda:0`), or the CPU without one."""
+    import torch
+
+    le = le or launch_env()
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", le.local_rank % torch.cuda.device_count())
+
+
+def work_slice(environ: dict | None = None) -> tuple[int, int]:
+    """(slice, number of slices) of an offline job: its rank among the launcher's processes, and
+    within a SLURM job array also the array task's index (SLURM_ARRAY_TASK_ID/MIN/STEP/COUNT)."""
+    env = os.environ if environ is None else environ
+    le = launch_env(env)
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        lo, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        task = (int(env["SLURM_ARRAY_TASK_ID"]) - lo) // step
+        return task * le.world_size + le.rank, int(env["SLURM_ARRAY_TASK_COUNT"]) * le.world_size
+    return le.rank, le.world_size

@@ -24,7 +24,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def mixed_shards(mixed_corpus, small_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    cfg = BuildConfig(manifest=str(mixed_corpus["manifest"]), out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
+    cfg = BuildConfig(inputs=[str(mixed_corpus["manifest"])], out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
                       workers=0, val_fraction=0.2, sentences_per_shard=4, progress=False)
     return out, build_shards(cfg)
 
@@ -69,7 +69,7 @@ def test_every_bad_source_is_reported_and_odd_images_are_kept(mixed_shards, mixe
 
 def test_same_input_same_bytes_whatever_workers(mixed_corpus, small_tokenizer, mixed_shards, tmp_path):
     out0, _ = mixed_shards
-    cfg = BuildConfig(manifest=str(mixed_corpus["manifest"]), out=str(tmp_path / "w2"),
+    cfg = BuildConfig(inputs=[str(mixed_corpus["manifest"])], out=str(tmp_path / "w2"),
                       tokenizer=f"patch-kmeans:{small_tokenizer}", workers=2, val_fraction=0.2,
                       sentences_per_shard=4, progress=False)
     build_shards(cfg)
@@ -78,7 +78,7 @@ def test_same_input_same_bytes_whatever_workers(mixed_corpus, small_tokenizer, m
 
 def test_rerun_with_other_arguments_is_refused(mixed_corpus, small_tokenizer, mixed_shards):
     out, _ = mixed_shards
-    cfg = BuildConfig(manifest=str(mixed_corpus["manifest"]), out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
+    cfg = BuildConfig(inputs=[str(mixed_corpus["manifest"])], out=str(out), tokenizer=f"patch-kmeans:{small_tokenizer}",
                       workers=0, val_fraction=0.5, sentences_per_shard=4, progress=False)
     with pytest.raises(SystemExit, match="val_fraction"):
         build_shards(cfg)

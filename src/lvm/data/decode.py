@@ -5,6 +5,13 @@ Still images go through `lvm.tokenizer.preprocess.load_image`. Videos are decode
 `frame_offset, frame_offset + stride, ...` up to `max_frames`. Any defect raises `SourceError`
 naming the offending file: the whole sentence is then dropped by the caller (a video minus a frame
 is a different video).
+
+A long video cut into chunks (`id#0`, `id#1`, ...) is decoded once, up to the last frame any chunk
+wants, and cut (`decode_chunks`); chunks past the end of a video that yielded frames are dropped
+without a report (a clip shorter than `max_frames` is not a defect).
+
+`decode_task` is what the decode workers run: a list of manifest lines (their chunks) or of
+webdataset samples (image bytes), each turned into frames or a `(source, reason)` pair.
 """
 
 from __future__ import annotations
@@ -32,21 +39,21 @@ def _wanted(sentence: Sentence) -> range:
     return range(first, first + sentence.max_frames * sentence.stride, sentence.stride)
 
 
-def _video_frames_pillow(path: str, sentence: Sentence, resize: str) -> list[np.ndarray]:
+def _video_frames_pillow(path: str, wanted: set[int], stop: int, resize: str) -> dict[int, np.ndarray]:
     img = open_image(path)
-    wanted, frames = _wanted(sentence), []
+    frames = {}
     for i, frame in enumerate(ImageSequence.Iterator(img)):
-        if i >= wanted.stop:
+        if i >= stop:
             break
         if i in wanted:
-            frames.append(prepare_image(frame.copy(), resize=resize))
+            frames[i] = prepare_image(frame.copy(), resize=resize)
     return frames
 
 
-def _video_frames_av(path: str, sentence: Sentence, resize: str) -> list[np.ndarray]:
+def _video_frames_av(path: str, wanted: set[int], stop: int, resize: str) -> dict[int, np.ndarray]:
     import av
 
-    wanted, frames = _wanted(sentence), []
+    frames = {}
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -54,10 +61,10 @@ def _video_frames_av(path: str, sentence: Sentence, resize: str) -> list[np.ndar
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
-                if i >= wanted.stop:
+                if i >= stop:
                     break
                 if i in wanted:
-                    frames.append(prepare_image(frame.to_image(), resize=resize))
+                    frames[i] = prepare_image(frame.to_image(), resize=resize)
     except SourceError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
@@ -65,22 +72,32 @@ def _video_frames_av(path: str, sentence: Sentence, resize: str) -> list[np.ndar
     return frames
 
 
+def decode_chunks(chunks: list[Sentence], resize: str = "squash") -> list[np.ndarray | None]:
+    """The chunks of one video line, decoded in one pass: frames per chunk (None: past the end)."""
+    path = chunks[0].video
+    wanted = [_wanted(c) for c in chunks]
+    need = set().union(*(set(w) for w in wanted))
+    stop = max(w.stop for w in wanted)
+    try:
+        if not Path(path).is_file():
+            raise SourceError("file not found")
+        read = _video_frames_pillow if Path(path).suffix.lower() in PILLOW_VIDEO_EXTS else _video_frames_av
+        frames = read(path, need, stop, resize)
+        out = []
+        for w in wanted:
+            got = [frames[i] for i in w if i in frames]
+            out.append(np.stack(got) if got else None)
+        if out[0] is None:
+            raise SourceError(f"video has no frame at or after index {wanted[0].start}")
+    except SourceError as e:
+        raise SentenceError(path, str(e)) from None
+    return out
+
+
 def decode_sentence(sentence: Sentence, resize: str = "squash") -> np.ndarray:
     """Sentence -> uint8 [n_images, 256, 256, 3]; raises SentenceError(source, reason)."""
     if sentence.video:
-        path = sentence.video
-        try:
-            if not Path(path).is_file():
-                raise SourceError("file not found")
-            if Path(path).suffix.lower() in PILLOW_VIDEO_EXTS:
-                frames = _video_frames_pillow(path, sentence, resize)
-            else:
-                frames = _video_frames_av(path, sentence, resize)
-            if not frames:
-                raise SourceError(f"video has no frame at or after index {sentence.frame_offset * sentence.stride}")
-        except SourceError as e:
-            raise SentenceError(path, str(e)) from None
-        return np.stack(frames)
+        return decode_chunks([sentence], resize)[0]
     out = np.empty((len(sentence.images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for i, path in enumerate(sentence.images):
         try:
@@ -90,13 +107,36 @@ def decode_sentence(sentence: Sentence, resize: str = "squash") -> np.ndarray:
     return out
 
 
+def _guarded(fn, source: str):
+    try:
+        return fn()
+    except SentenceError as e:
+        return (e.source, e.reason)
+    except SourceError as e:
+        return (source, str(e))
+    except Exception as e:  # a decoder bug on a hostile file must not stop the run
+        return (source, f"{type(e).__name__}: {e}")
+
+
 def try_decode(args: tuple[Sentence, str]):
     """Pool-friendly wrapper: returns frames, or (source, reason) for a bad sentence."""
     sentence, resize = args
-    try:
-        return decode_sentence(sentence, resize)
-    except SentenceError as e:
-        return (e.source, e.reason)
-    except Exception as e:  # a decoder bug on a hostile file must not stop the run
-        return (sentence.sources[0] if sentence.sources else sentence.id, f"{type(e).__name__}: {e}")
+    return _guarded(lambda: decode_sentence(sentence, resize), sentence.sources[0] if sentence.sources else sentence.id)
+
+
+def decode_line(chunks: list[Sentence], resize: str) -> list:
+    """Per chunk of one manifest line: frames, None (past a video's end) or (source, reason)."""
+    if chunks[0].video:
+        res = _guarded(lambda: decode_chunks(chunks, resize), chunks[0].video)
+        return [res] * len(chunks) if isinstance(res, tuple) else res
+    return [try_decode((c, resize)) for c in chunks]
+
+
+def decode_task(task: tuple[str, list, str]) -> list:
+    """What a decode worker runs: ("lines", [chunks, ...], resize) -> [per-chunk results, ...];
+    ("images", [(source, bytes), ...], resize) -> [frames [1, 256, 256, 3] or (source, reason), ...]."""
+    what, items, resize = task
+    if what == "lines":
+        return [decode_line(chunks, resize) for chunks in items]
+    return [_guarded(lambda d=data: load_image(d, resize=resize)[None], src) for src, data in items]
 

@@ -41,6 +41,8 @@ class Skip:
     reason: str
     sentence: str | None = None
     line: int | None = None
+    key: str | None = None      # a webdataset sample's key within its tar
+    offset: int | None = None   # byte offset of a manifest line (parts of large manifests)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -103,31 +105,45 @@ def parse_line(entry, root: Path, line: int, max_images: int) -> list[Sentence]:
             for j, c in enumerate(chunks)]
 
 
+def iter_manifest_lines(lines, path: Path, max_images: int = DEFAULT_MAX_IMAGES):
+    """For each (line number or None, byte offset, raw bytes): the line's chunks (a list of
+    Sentences) or a Skip. Ids must be unique within what is read together (a manifest, or one part
+    of a large one); memory is that set of ids, never the sentences."""
+    if max_images < 2:
+        raise ValueError("max_images must be at least 2")
+    root = path.parent.resolve()
+    seen: set[str] = set()
+    for n, offset, raw in lines:
+        text = raw.strip()
+        if not text:
+            continue
+        where = f"{path}:{n}" if n is not None else f"{path}@{offset}"
+        pos = {"line": n} if n is not None else {"offset": offset}
+        try:
+            entry = json.loads(text.decode("utf-8"))
+            sentences = parse_line(entry, root, n if n is not None else 0, max_images)
+        except (ValueError, UnicodeDecodeError) as e:
+            yield Skip(source=where, reason=f"malformed manifest line: {e}", **pos)
+            continue
+        base = sentences[0].id.split("#")[0]
+        if base in seen:
+            yield Skip(source=where, reason=f"duplicate id {sentences[0].id!r}", **pos)
+            continue
+        seen.add(base)
+        yield sentences
+
+
 def read_manifest(path: str | Path, max_images: int = DEFAULT_MAX_IMAGES) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} not found")
-    if max_images < 2:
-        raise ValueError("max_images must be at least 2")
-    root = path.parent.resolve()
     out = Manifest(path)
-    seen: set[str] = set()
     with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            text = raw.strip()
-            if not text:
-                continue
-            try:
-                entry = json.loads(text.decode("utf-8"))
-                sentences = parse_line(entry, root, n, max_images)
-            except (ValueError, UnicodeDecodeError) as e:
-                out.skipped.append(Skip(source=f"{path}:{n}", reason=f"malformed manifest line: {e}", line=n))
-                continue
-            if sentences[0].id.split("#")[0] in seen:
-                out.skipped.append(Skip(source=f"{path}:{n}", reason=f"duplicate id {sentences[0].id!r}", line=n))
-                continue
-            seen.add(sentences[0].id.split("#")[0])
-            out.sentences.extend(sentences)
+        for item in iter_manifest_lines(((n, None, raw) for n, raw in enumerate(f, start=1)), path, max_images):
+            if isinstance(item, Skip):
+                out.skipped.append(item)
+            else:
+                out.sentences.extend(item)
     return out
 
 
