@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 
 from lvm.model.presets import DEFAULT_SEQ_LEN, PRESETS
 
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "lion")
+
 
 @dataclass
 class RunOptions:
@@ -37,6 +39,7 @@ class RunOptions:
     packing: str = "concat"
     max_bad_steps: int = 10
     gpu_mem_gib: float | None = None
+    optimizer: str = "adamw"
 
     def run_dir(self) -> str:
         return self.output or f"runs/{self.model.replace('/', '_')}-s{self.seq_len}"
@@ -70,12 +73,12 @@ HELP = {
     "packing": "concat: sentences concatenated and cut into windows; sentence: whole sentences best-fit, padded",
     "max_bad_steps": "stop after this many consecutive steps with a non-finite loss",
     "gpu_mem_gib": "GPU memory budget: the planner fills ds_config values left \"auto\"",
+    "optimizer": "optimizer (AdamW and Lion via DeepSpeed; SGD with momentum; 8-bit AdamW via bitsandbytes)",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pretrain a LlamaForCausalLM on visual sentences with DeepSpeed.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Pretrain a LlamaForCausalLM on visual sentences with DeepSpeed.")
     defaults = RunOptions()
     for f in fields(RunOptions):
         flag = "--ds_config" if f.name == "ds_config" else "--" + f.name.replace("_", "-")
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = ["concat", "sentence"]
         if f.name == "precision":
             kw["choices"] = ["auto", "bf16", "fp16", "fp32"]
+        if f.name == "optimizer":
+            kw["choices"] = list(OPTIMIZERS)
         typ = {"seq_len": int, "max_steps": int, "warmup_steps": int, "seed": int, "micro_batch": int,
                "grad_accum": int, "global_batch_tokens": int, "save_every": int, "keep_last": int,
                "eval_every": int, "eval_max_sentences": int, "log_every": int, "max_bad_steps": int,
