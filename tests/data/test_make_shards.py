@@ -123,7 +123,7 @@ def test_sigkill_then_resume_gives_identical_output(mixed_corpus, small_tokenize
     from lvm.data.synth import CorpusSize, make_corpus
 
     manifest = make_corpus(tmp_path / "c", seed=4, size=CorpusSize(videos=2, gifs=1, sequences=6, frames=16, pairs_per_task=16, images=24))
-    args = ["--manifest", str(manifest), "--tokenizer", f"patch-kmeans:{small_tokenizer}", "--workers", "0",
+    args = ["--input", str(manifest), "--tokenizer", f"patch-kmeans:{small_tokenizer}", "--workers", "0",
             "--sentences-per-shard", "1", "--batch-size", "16", "--no-progress"]
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(ref)], check=True, capture_output=True)
@@ -140,8 +140,11 @@ def test_sigkill_then_resume_gives_identical_output(mixed_corpus, small_tokenize
     done_before = len(list(out.rglob("*.arrow")))
     assert 0 < done_before < n_shards, "the kill must land mid-run"
     assert not (out / "index.json").exists()
+    # what a kill during a write leaves (the rename never happened): removed by the rerun
+    (out / "train" / ".manifest-00000.arrow.tmp.4242").write_bytes(b"partial")
     r = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert tree_bytes(out) == tree_bytes(ref)
+    assert not [p for p in out.rglob("*") if ".tmp." in p.name], "temporary files of the killed run are left"
     for f in out.rglob("*.arrow"):
         read_shard(f)

@@ -401,7 +401,7 @@ def tokenizer_info(tok, out: Path, cfg: BuildConfig) -> dict:
     if path and Path(path).resolve().is_relative_to(out.resolve()):
         spec = f"{kind}:{Path(path).resolve().relative_to(out.resolve())}"  # relative: the folder can move
     return {"spec": spec, "kind": tok.kind, "codebook_size": tok.codebook_size, "image_size": tok.image_size,
-            "tokens_per_image": tok.tokens_per_image, "resize": cfg.resize, "details": tok.describe()}
+            "tokens_per_image": tok.tokens_per_image, "resize": cfg.resize, "details": {**tok.describe(), "spec": spec}}
 
 
 def tokenizer_from_shards(shards_root: str | Path, device=None):

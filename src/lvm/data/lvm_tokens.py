@@ -1,0 +1,114 @@
+"""LVM's own tokenized data: JSONL, one visual sentence per line, `{"tokens": base64(int32 codes)}`.
+
+`import_token_files` turns such files into our shards without re-tokenizing: each file is a unit of
+`lvm.data.build` (so ranks, resume, the train/val split and index.json work as for images); a line
+whose length is not a positive multiple of 256 or whose codes leave 0..8191 is skipped and reported
+by file and line number. What made the tokens is recorded in `tokenizer.json` from `--tokenizer-spec`
+(or from `F.tokenizer.json` beside the first file, which `export_token_file` writes).
+
+`export_token_file` writes shards back in LVM's format (int32 little-endian, standard base64), one
+line per sentence in shard order.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lvm.data.build import BuildConfig, build_shards
+from lvm.data.shards import SPLITS, ShardError, read_shard, read_tokenizer_info
+from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
+from lvm.tokenizer import load_tokenizer, parse_spec
+
+
+def sidecar(path: str | Path) -> Path:
+    return Path(f"{path}.tokenizer.json")
+
+
+def imported_tokenizer_info(spec: str | None, first_file: str, out: Path) -> dict:
+    """tokenizer.json for imported tokens: from the spec (its folder described when present), or
+    from the sidecar an export wrote."""
+    if spec is None:
+        side = sidecar(first_file)
+        if side.is_file():
+            return json.loads(side.read_text())
+        raise ValueError(f"say which tokenizer made these tokens with --tokenizer-spec (e.g. vqgan:<dir>); "
+                         f"no {side} beside the input")
+    kind, path = parse_spec(spec)
+    info = {"spec": spec, "kind": kind, "codebook_size": CODEBOOK_SIZE, "image_size": IMAGE_SIZE,
+            "tokens_per_image": TOKENS_PER_IMAGE, "resize": "squash"}
+    if path and Path(path).is_dir():
+        tok = load_tokenizer(spec, "cpu")
+        if path and Path(path).resolve().is_relative_to(out.resolve()):
+            info["spec"] = f"{kind}:{Path(path).resolve().relative_to(out.resolve())}"
+        info["details"] = tok.describe()
+    else:
+        print(f"note: tokenizer folder {path} not found here: recorded by name only", file=sys.stderr)
+        info["details"] = {"spec": spec, "kind": kind}
+    return info
+
+
+def import_token_files(files: list[str], kind: str, out: str, tokenizer_spec: str | None = None, **settings) -> dict:
+    """LVM token files -> shards in OUT (resumable, rank-sliced like make_shards)."""
+    if not files:
+        raise ValueError("give at least one --jsonl file")
+    info = imported_tokenizer_info(tokenizer_spec, files[0], Path(out))
+    cfg = BuildConfig(inputs=list(files), out=out, tokenizer=info["spec"], import_kind=kind, tokenizer_info=info,
+                      workers=0, **settings)
+    return build_shards(cfg)
+
+
+def _shard_files(shards: Path, split: str) -> list[Path]:
+    splits = SPLITS if split == "all" else (split,)
+    folders = [shards / s for s in splits if (shards / s).is_dir()] or [shards]
+    files = [f for d in folders for f in sorted(d.glob("*.arrow"))]
+    index = shards / "index.json"
+    if index.is_file():  # the order the index lists (unit order), not the file names'
+        listed = [shards / s["path"] for s in json.loads(index.read_text())["shards"]
+                  if split == "all" or s["path"].startswith(f"{split}/")]
+        if listed:
+            files = listed
+    if not files:
+        raise ShardError(f"no shards to export in {shards} (split {split})")
+    return files
+
+
+def export_token_file(shards: str, out: str, split: str = "train") -> dict:
+    """Shards -> one LVM token file (atomic); its tokenizer.json is copied to OUT.tokenizer.json."""
+    root = Path(shards)
+    if not root.is_dir():
+        raise ShardError(f"--shards {root} does not exist")
+    info = read_tokenizer_info(root)
+    if info.get("codebook_size") != CODEBOOK_SIZE or info.get("tokens_per_image") != TOKENS_PER_IMAGE:
+        raise ShardError(f"{root}: tokenizer.json says {info.get('tokens_per_image')} codes of {info.get('codebook_size')} "
+                         f"per image; LVM's format holds {TOKENS_PER_IMAGE} of {CODEBOOK_SIZE}")
+    dst = Path(out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    n_lines = n_tokens = 0
+    with tmp.open("w") as f:
+        for shard in _shard_files(root, split):
+            col = read_shard(shard).column("tokens").combine_chunks()
+            flat = col.values.to_numpy(zero_copy_only=False)
+            off = col.offsets.to_numpy()
+            for i in range(len(col)):
+                codes = flat[off[i] : off[i + 1]].astype("<i4")
+                f.write(json.dumps({"tokens": base64.b64encode(codes.tobytes()).decode("ascii")}) + "\n")
+                n_lines += 1
+                n_tokens += len(codes)
+    tmp.replace(dst)
+    sidecar(dst).write_text(json.dumps(info, indent=2))
+    return {"out": str(dst), "sentences": n_lines, "tokens": n_tokens}
+
+
+def decode_line(line: str) -> np.ndarray:
+    """One LVM token line -> int32 codes."""
+    return np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), dtype="<i4")
+
+
+__all__ = ["import_token_files", "export_token_file", "decode_line"]
