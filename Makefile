@@ -5,13 +5,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-# make shards [MANIFEST=...] [SHARDS=...] [TOKENIZER=...] [WORKERS=...]
+# make shards [INPUT='SPEC ...'] [SHARDS=...] [TOKENIZER=...] [WORKERS=...]
+# INPUT: manifests, folders, webdataset tars or quoted patterns ('laion/{00000..09999}.tar'), space-separated
 CORPUS    ?= data/demo_corpus
 MANIFEST  ?= $(CORPUS)/manifest.jsonl
+INPUT     ?= $(MANIFEST)
 SHARDS    ?= data/shards
 TOKENIZER ?= patch-kmeans
 WORKERS   ?= 2
 SEED      ?= 0
+SHARD_ARGS = $(foreach i,$(INPUT),--input '$(i)') --out $(SHARDS) --workers $(WORKERS) --seed $(SEED)
 
 .PHONY: venv test demo shards corpus bench lint clean
 
@@ -29,12 +32,13 @@ test: venv
 	$(PY) -m pytest -q tests
 
 corpus: venv
-	@if [ "$(MANIFEST)" = "$(CORPUS)/manifest.jsonl" ] && [ ! -f "$(MANIFEST)" ]; then \
+	@if [ "$(INPUT)" = "$(CORPUS)/manifest.jsonl" ] && [ ! -f "$(INPUT)" ]; then \
 		$(PY) data_prep/synth_corpus.py --out $(CORPUS) --seed $(SEED); fi
 
+# the embedded tokenizer is fitted once, as its own step, before the units are tokenized
 shards: venv corpus
-	$(PY) data_prep/make_shards.py --manifest $(MANIFEST) --out $(SHARDS) \
-		--tokenizer $(TOKENIZER) --workers $(WORKERS) --seed $(SEED)
+	@if [ "$(TOKENIZER)" = "patch-kmeans" ]; then $(PY) data_prep/make_shards.py --fit-only $(SHARD_ARGS); fi
+	$(PY) data_prep/make_shards.py $(SHARD_ARGS) --tokenizer $(TOKENIZER)
 
 demo: venv
 	$(PY) -m lvm.demo --corpus $(CORPUS) --shards $(SHARDS) --seed $(SEED)

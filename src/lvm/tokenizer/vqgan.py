@@ -254,6 +254,8 @@ class VQGANTokenizer:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.device, self.dtype)
         self.model.quantize.float()  # nearest-code search stays in fp32
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)  # cuDNN's fast NHWC convolutions
         self.codebook_size = model.config.num_embeddings
         self.image_size = model.config.resolution
         self.tokens_per_image = model.config.latent_size**2
@@ -282,6 +284,8 @@ class VQGANTokenizer:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(self.device, self.dtype, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model.encode_codes(x).long().cpu()
 
     @torch.no_grad()
