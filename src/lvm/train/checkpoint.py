@@ -42,11 +42,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+VERSION_KEYS = ("transformers_version", "torch_version", "deepspeed_version")
+
+
+def comparable(identity: dict) -> dict:
+    """The identity without library versions: an upgrade of transformers is not another run."""
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in VERSION_KEYS}
+        return v
+    return strip(identity)
+
+
 def check_run_identity(ckpt_dir: Path, identity: dict, write: bool) -> None:
     """Refuse a folder holding checkpoints of another run shape; record ours on first use."""
     f = ckpt_dir / "run.json"
+    identity = comparable(identity)
     if f.is_file():
-        old = json.loads(f.read_text())
+        old = comparable(json.loads(f.read_text()))
         diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
         if diff:
             raise CheckpointError(f"{ckpt_dir} holds checkpoints of another run ("
