@@ -4,7 +4,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lvm.plan.memory import Setting, activation_bytes, model_states
+from lvm.plan.memory import (
+    DTYPE_BYTES,
+    Setting,
+    activation_bytes,
+    backward_peak_bytes,
+    mask_bytes_per_layer,
+    model_states,
+)
 
 
 def small_configs():
@@ -77,3 +84,72 @@ def test_activations_within_ten_percent_of_saved_tensors(dtype, ckpt):
             real = saved_bytes(model, ids, ckpt)
             est = activation_bytes(cfg, b, s, ckpt, dtype)
             assert abs(est - real) <= 0.10 * real, (dtype, ckpt, b, s, est, real)
+
+
+def packed_positions(b: int, s: int) -> torch.Tensor:
+    """Position ids of `--packing sentence`: they restart at every sentence (three per window here)."""
+    cuts = [0, s // 3, s // 3 + s // 4, s]
+    return torch.cat([torch.arange(cuts[k + 1] - cuts[k]) for k in range(3)]).expand(b, -1).contiguous()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sentence_packing_mask_is_saved_per_layer(dtype):
+    """SDPA gets a block-causal mask from restarting position ids and saves it, converted, in every layer."""
+    torch.manual_seed(0)
+    cfg = small_configs()[0]
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    b, s = 2, 128
+    ids = torch.randint(0, 8192, (b, s))
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, position_ids=packed_positions(b, s), use_cache=False)
+    packed = sum(v for k, v in seen.items() if k not in params)
+    plain = saved_bytes(model, ids, False)
+    d = DTYPE_BYTES[dtype]
+    assert packed - plain == cfg.num_hidden_layers * mask_bytes_per_layer(b, s, d) + 2 * (cfg.hidden_size // cfg.num_attention_heads) * d * b * s * (1 - 1 / b)
+    assert activation_bytes(cfg, b, s, False, dtype, attn_mask=True) - activation_bytes(cfg, b, s, False, dtype) == packed - plain
+
+
+def measured_peak(model, ids, position_ids=None) -> int:
+    """Peak bytes of activations and temporaries (not parameters or their gradients) in one forward + backward."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt = MemTracker()
+    mt.track_external(model)
+    with mt:
+        model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False).loss.backward()
+    peak = {str(k).split(".")[-1]: v for k, v in mt.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+    model.zero_grad(set_to_none=True)
+    return peak["ACT"] + peak["TEMP"]
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("packing", ["concat", "sentence"])
+def test_backward_peak_within_ten_percent_of_measured(ckpt, packing):
+    """Saved activations + the backward peak (logits gradients, or a checkpointed layer's recompute) against the
+    live tensors measured by PyTorch's MemTracker, for a head-dominated and a layer-dominated shape."""
+    torch.manual_seed(0)
+    shapes = [small_configs()[1], LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4,
+                                              num_key_value_heads=4, vocab_size=64, tie_word_embeddings=False)]
+    for cfg in shapes:
+        for dtype in ("fp32", "bf16"):
+            model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+            model = model.to(torch.bfloat16) if dtype == "bf16" else model
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            b, s = 2, 256
+            ids = torch.randint(0, min(cfg.vocab_size, 8192), (b, s))
+            pos = packed_positions(b, s) if packing == "sentence" else None
+            real = measured_peak(model, ids, pos)
+            mask = packing == "sentence"
+            est = activation_bytes(cfg, b, s, ckpt, dtype, mask) + backward_peak_bytes(cfg, b, s, ckpt, dtype, mask)
+            assert abs(est - real) <= 0.10 * real, (cfg.hidden_size, dtype, est, real)

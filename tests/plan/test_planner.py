@@ -28,7 +28,9 @@ def test_plan_reaches_the_global_batch_and_fits(tmp_path):
     assert set(b) >= {"params", "grads", "optimizer", "activations", "buffers", "total"}
     assert b["total"] <= 80 * GiB
     assert rep["micro_batch_size"] * rep["grad_accum"] * 8 * 4096 == 524288
-    for word in ("parameters", "gradients", "optimizer states", "activations", "temporary buffers", "why:"):
+    for word in ("parameters", "gradients", "optimizer states (adamw)", "ZeRO-3 live parameters", "activations",
+                 "attention mask (sentence packing)", "backward peak", "communication buckets", "cuBLAS workspaces",
+                 "fragmentation (expandable_segments", "CUDA context", "NCCL buffers", "why:"):
         assert word in r.stdout
     # the written config is accepted by the trainer's resolver as is
     ds = json.loads((tmp_path / "ds.json").read_text())
@@ -79,13 +81,78 @@ def test_pretrain_accepts_a_planned_config(train_shards, tmp_path):
     assert f"micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout
 
 
-def test_pretrain_plans_auto_values_from_a_memory_budget(train_shards, tmp_path):
+def auto_ds_config(path: Path, **zero) -> str:
+    """A ds_config that leaves the plan to --gpu-mem-gib (stage, buckets, micro-batch, accumulation all "auto")."""
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["zero_optimization"] = {"stage": "auto", "reduce_bucket_size": "auto", "allgather_bucket_size": "auto", **zero}
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def test_pretrain_applies_the_whole_plan(train_shards, tmp_path):
+    """--gpu-mem-gib sets ZeRO stage, buckets, micro-batch, accumulation and checkpointing, and the run trains with them."""
     from tests.train.conftest import base_args, run_train
 
-    args = base_args(train_shards, tmp_path / "run", "--ds_config", "ds_configs/zero2.json", "--max-steps", "1",
+    cfg_path = auto_ds_config(tmp_path / "ds.json", stage=3)
+    req = Request(model_shape("tiny"), 1, 1, 1.0, None, 256, 256 * 4, "fp32", fixed={"zero_stage": 3})
+    plan = search(req)
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", cfg_path, "--max-steps", "1",
+                     "--gpu-mem-gib", "1", "--global-batch-tokens", str(256 * 4))
+    args.remove("--micro-batch")
+    args.remove("2")
+    r = run_train(1, args)
+    assert f"ZeRO-3, fp32, world 1, micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout
+    ds = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    z = ds["zero_optimization"]
+    s = plan.setting
+    assert (z["stage"], z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_max_reuse_distance"]) == \
+        (3, s.reduce_bucket, s.prefetch_bucket, s.max_reuse_distance)
+    assert "offload_optimizer" not in z and ds["train_micro_batch_size_per_gpu"] == s.micro_batch
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["grad_ckpt"] == s.grad_ckpt
+
+
+def test_pretrain_plans_within_what_the_ds_config_fixes(train_shards, tmp_path):
+    from tests.train.conftest import base_args, run_train
+
+    cfg_path = auto_ds_config(tmp_path / "ds.json", stage=2)
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", cfg_path, "--max-steps", "1",
                      "--gpu-mem-gib", "2", "--global-batch-tokens", str(256 * 4))
     args.remove("--micro-batch")
     args.remove("2")
     r = run_train(1, args)
-    plan = search(Request(model_shape("tiny"), 1, 1, 2, None, 256, 256 * 4))
-    assert f"micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout
+    plan = search(Request(model_shape("tiny"), 1, 1, 2, None, 256, 256 * 4, "fp32", fixed={"zero_stage": 2}))
+    assert plan.setting.zero_stage == 2
+    assert f"ZeRO-2, fp32, world 1, micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout
+
+
+def test_pretrain_refuses_a_ds_config_that_contradicts_the_plan(train_shards, tmp_path):
+    """ds_configs/zero2.json fixes 200M-element buckets: 2.2 GiB of fp32 buckets cannot fit a 2 GiB budget."""
+    from tests.train.conftest import base_args, run_train
+
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", "ds_configs/zero2.json", "--max-steps", "1",
+                     "--gpu-mem-gib", "2", "--global-batch-tokens", str(256 * 4))
+    r = run_train(1, args, check=False)
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+    assert "nothing fits in 2 GiB per GPU under zero_optimization.stage=2, reduce_bucket_size=200000000" in err[0]
+    assert "without those the plan is ZeRO-" in err[0] and '"auto"' in err[0]
+    assert "step 1" not in r.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fill_from_plan_respects_flags_and_json():
+    from lvm.plan.planner import fill_from_plan
+
+    base = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    base["bf16"] = {"enabled": True}  # planned for a bf16 GPU (this machine has none to ask)
+    opts = RunOptions(model="300m", seq_len=4096, gpu_mem_gib=40, global_batch_tokens=4096 * 8 * 16, grad_ckpt=False)
+    ds = fill_from_plan(base, opts, 8, given={"gpu_mem_gib", "global_batch_tokens"}, device=torch.device("cuda"))
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == base["zero_optimization"]["reduce_bucket_size"]
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == 16 and ds["bf16"]["enabled"] is True
+    # an explicit --no-grad-ckpt is a constraint, not something the plan overrides
+    tight = RunOptions(model="1b", seq_len=4096, gpu_mem_gib=12, global_batch_tokens=4096 * 8 * 8, grad_ckpt=False)
+    with pytest.raises(PlanError, match="activation checkpointing=False"):
+        fill_from_plan(base, tight, 8, given={"gpu_mem_gib", "global_batch_tokens", "grad_ckpt"}, device=torch.device("cuda"))
+    tight.grad_ckpt = False
+    ds = fill_from_plan(base, tight, 8, given={"gpu_mem_gib", "global_batch_tokens"}, device=torch.device("cuda"))
+    assert tight.grad_ckpt is True and ds["zero_optimization"]["stage"] == 3

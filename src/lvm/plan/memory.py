@@ -1,18 +1,27 @@
 """Where every byte of a LLaMA training step goes, per GPU, from the model config alone.
 
-Model states (mixed-precision AdamW; DeepSpeed's own accounting, `estimate_zero{2,3}_model_states_mem_needs`):
+Model states (DeepSpeed's own accounting, `estimate_zero{2,3}_model_states_mem_needs`, for AdamW):
   bf16/fp16 weights 2 B/param, gradients 2 B (16-bit) + 4 B (fp32 partition), fp32 master 4 B and
-  Adam m, v 8 B: 2 + 18 = 20 B/param at one GPU, i.e. the "16-18 B/param" rule plus the fp32
-  gradient copy DeepSpeed keeps. ZeRO partitions over the data-parallel size dp:
+  the optimizer's state S: 2 + 2 + 4 + 4 + S B/param at one GPU (AdamW: S = 8, the "16-18 B/param" rule
+  plus the fp32 gradient copy DeepSpeed keeps). ZeRO partitions over the data-parallel size dp:
     stage 0  everything replicated
-    stage 1  optimizer states (12 B) / dp
-    stage 2  + gradients (6 B) / dp                     -> 2N + 18N/dp   (DeepSpeed, stage_1_and_2.py)
+    stage 1  optimizer (master + S) / dp
+    stage 2  + gradients (6 B) / dp                     -> 2N + (10 + S)N/dp   (DeepSpeed, stage_1_and_2.py)
     stage 3  + weights (2 B) / dp, plus the largest layer gathered for compute (4 B x its params);
              16-bit gradients are reduce-scattered straight out of the bucket, so only the fp32
-             gradient partition stays: 2 + 4 + 12 = 18 B / dp -> 4L + 18N/dp (DeepSpeed, stage3.py)
+             gradient partition stays: 2 + 4 + 4 + S B / dp -> 4L + (10 + S)N/dp (DeepSpeed, stage3.py)
   CPU offload moves the optimizer (and, at stage 3, the weights) to host memory:
     stage 2 + optimizer offload: GPU 2N;  stage 3 + optimizer offload: 4L + 2N/dp;  + params: 4L.
-  Pure fp32 training keeps 4 B weights + 4 B gradients + 8 B Adam = 16 B/param.
+  Pure fp32 training keeps 4 B weights and 4 B gradients; under ZeRO DeepSpeed still clones an fp32
+  master partition (4 B / dp, measured), then the state S.
+
+Optimizer state S per parameter (`lvm.train.optimizers`; tests/train/test_optimizers.py checks master +
+state against the tensors of real DeepSpeed engines after one step, to the byte):
+  adamw 8 (m, v fp32) · lion 4 (m; FusedLion on GPU; DeepSpeedCPULion, used under offload and on CPU,
+  also allocates an unused second moment: 8) · sgd 4 (momentum) · adamw8bit 2 + 8/256 (two uint8 states
+  and an fp32 absmax per block of 256 values; bitsandbytes keeps 32-bit states, 8 B, for a tensor under
+  4096 values, and a 256-entry fp32 quantile map per state). DeepSpeed hands the optimizer one flat fp32
+  partition per parameter group: the trainer's two groups (decayed weights; norms and biases).
 
 Activations saved for backward, per token, for HF's LlamaDecoderLayer with SDPA/flash attention
 (no s^2 scores are stored; the kernel keeps a per-head fp32 logsumexp) and RMSNorm computed in fp32
@@ -25,29 +34,78 @@ Activations saved for backward, per token, for HF's LlamaDecoderLayer with SDPA/
   RoPE cos/sin (shared)             2 (h/a) d / micro_batch   (not saved when checkpointing)
   head                              4V + 4h + 2hd + 20: fp32 log-softmax over the padded vocabulary
       V (b s V x 4 B, which dominates small models), final RMSNorm fp32 copy and output, ids/labels.
-  These were checked byte-for-byte against `torch.autograd.graph.saved_tensors_hooks` on CPU in fp32
-  and bf16 (tests/plan/test_memory.py keeps them within 10%).
+  These are checked against `torch.autograd.graph.saved_tensors_hooks` on CPU in fp32 and bf16
+  (tests/plan/test_memory.py keeps them within 10%).
+
+GPU terms DeepSpeed's estimators leave out (DeepSpeed issue #4527: estimated 0.49 GB per GPU, used 15-21 GB):
+  * Attention mask of `--packing sentence`. Position ids restart per sentence, so transformers'
+    `create_causal_mask` (masking_utils.py, `find_packed_sequence_indices`) builds a boolean
+    b x 1 x s x s block-causal mask for SDPA, which cannot take the flash kernel with a mask: PyTorch
+    (`convert_boolean_attn_mask` in aten/src/ATen/native/transformers/attention.cpp) converts it to an
+    additive mask of the compute dtype in every layer, and the memory-efficient kernel (CPU flash kernel
+    alike) saves it for backward: b s pad16(s) d per layer (pad16: the efficient kernel's 16-element
+    alignment), plus RoPE cos/sin per sequence (2 (h/a) d per token, no longer shared over the batch).
+    With checkpointing the boolean mask (b s^2 B) stays alive for the recomputation and one layer's
+    converted mask joins the recompute peak. flash_attention_2 takes the varlen path: no mask at all.
+    Measured on CPU (tests/plan/test_memory.py).
+  * ZeRO-3 live parameters. DeepSpeed's PartitionedParameterCoordinator (partitioned_param_coordinator.py,
+    `__params_to_release`) keeps a gathered 16-bit parameter after its module's forward when the
+    parameters traversed until its next use number fewer than `stage3_max_reuse_distance`; in a
+    training step the next use is the backward, 2 x (parameters after it in the forward order) away, so
+    with the default 1e9 every module of a model under 500M parameters stays gathered until its
+    backward. `stage3_max_live_parameters` only caps what is prefetched on top
+    (min(prefetch bucket, max live - available)); parameters under `stage3_param_persistence_threshold`
+    are never partitioned. The estimator's 4 x largest layer stays in the model states.
+  * Recompute peak of a checkpointed layer: in backward the layer's activations are recomputed all
+    at once and its backward adds the MLP's gate/up gradients (2 i d per token); by then the head's
+    saved tensors are freed. The head's own backward peak is the two fp32 gradients of the loss
+    w.r.t. log-softmax and logits (8 B per logit). The peak is the larger of the two phases
+    (measured with torch.distributed._tools.mem_tracker.MemTracker on CPU, tests/plan/test_memory.py).
+  * Reserve outside the allocator's tensors: the CUDA context with PyTorch's kernels (about 0.6 GiB on
+    an H100 with CUDA 12 lazy module loading; nvidia-smi after `torch.cuda.init()` and a first kernel);
+    cuBLAS and cuBLASLt workspaces, 32 MiB each on Hopper (PyTorch `getChosenWorkspaceSize`,
+    CUBLAS_WORKSPACE_CONFIG default ":4096:8"; allocated through the caching allocator); NCCL buffers,
+    cudaMalloc'ed by NCCL itself: per communicator up to 32 channels x (4 MiB Simple + ~4.5 MiB LL128 +
+    0.25 MiB LL protocol buffers, NCCL_BUFFSIZE and NCCL docs "Memory"): ~288 MiB, hundreds of MB per
+    communicator on H100; DeepSpeed uses two (the world group and the data-parallel group it clones,
+    deepspeed/utils/groups.py); a single GPU needs none. Allocator fragmentation: reserved minus
+    allocated, 10% of the allocator's peak with the default block allocator, 2% with
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (PyTorch "CUDA memory management" notes).
 
 Temporary buffers (live at the peak, not saved tensors):
-  logits gradient in backward: b s V (4 + d); with checkpointing, one layer's full activations while
-  it is recomputed; ZeRO-1/2 reduce bucket (x2 with overlap_comm) and allgather bucket; ZeRO-3 the
-  prefetch bucket and reduce bucket.
-Reserve: 1 GiB for the CUDA context, cuBLAS workspace and NCCL, plus 5% for allocator fragmentation.
+  the larger of the head's backward (8 B per logit) and a checkpointed layer's recompute peak (above);
+  ZeRO-1/2 reduce bucket (x2 with overlap_comm) and allgather bucket; ZeRO-3 reduce bucket.
 
 Sources: Rajbhandari et al., "ZeRO" (2020); Korthikanti et al., "Reducing Activation Recomputation in
-Large Transformer Models" (2022) for the per-layer method; DeepSpeed's estimators for model states.
+Large Transformer Models" (2022) for the per-layer method; DeepSpeed's estimators for model states;
+Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (2022); Chen et al., "Symbolic
+Discovery of Optimization Algorithms" (Lion, 2023).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 from lvm.model.presets import count_parameters
+from lvm.train.optimizers import BNB_BLOCK, BNB_MIN_8BIT_SIZE, OPTIMIZERS, state_bytes_per_param
 
 GiB = 2**30
+MiB = 2**20
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-CONTEXT_RESERVE = 1 * GiB
-FRAGMENTATION = 0.05
+CUDA_CONTEXT = 600 * MiB
+CUBLAS_WORKSPACE = 2 * 32 * MiB
+NCCL_PER_COMMUNICATOR = 32 * 9 * MiB
+NCCL_COMMUNICATORS = 2
+FRAGMENTATION = 0.10
+FRAGMENTATION_EXPANDABLE = 0.02
+DS_DEFAULT_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance default
+
+
+def expandable_segments_from_env(env=None) -> bool:
+    env = os.environ if env is None else env
+    conf = (env.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + env.get("PYTORCH_ALLOC_CONF", "")).replace(" ", "")
+    return "expandable_segments:True" in conf or "expandable_segments:true" in conf
 
 
 @dataclass(frozen=True)
@@ -62,6 +120,12 @@ class Setting:
     allgather_bucket: int = 200_000_000
     prefetch_bucket: int = 50_000_000
     overlap_comm: bool = True
+    optimizer: str = "adamw"
+    attn_mask: bool = False  # --packing sentence on the SDPA path (no flash-attention varlen)
+    max_live_parameters: int = DS_DEFAULT_LIVE
+    max_reuse_distance: int = DS_DEFAULT_LIVE
+    persistence_threshold: int = 100_000
+    expandable_segments: bool = False
 
 
 @dataclass
@@ -69,14 +133,41 @@ class Breakdown:
     params: int
     grads: int
     optimizer: int
-    activations: int
-    buffers: int
-    reserve: int
+    live_params: int       # ZeRO-3 gathered parameters kept by the reuse distance, prefetch, persistent ones
+    activations: int       # saved for backward, without the attention mask
+    attention_mask: int    # --packing sentence on SDPA: the per-layer additive masks (and the boolean one)
+    backward_peak: int     # the larger of the head's backward and a checkpointed layer's recompute
+    buckets: int           # ZeRO reduce / allgather buckets
+    cublas_workspace: int
+    fragmentation: int
+    cuda_context: int
+    nccl: int
     total: int
     cpu_per_node: int
 
+    @property
+    def buffers(self) -> int:
+        return self.backward_peak + self.buckets
+
+    @property
+    def allocated(self) -> int:
+        """What `torch.cuda.max_memory_allocated` should show at the peak."""
+        return (self.params + self.grads + self.optimizer + self.live_params + self.activations + self.attention_mask
+                + self.buffers + self.cublas_workspace)
+
+    @property
+    def reserved(self) -> int:
+        """What `torch.cuda.max_memory_reserved` should show: allocated plus fragmentation."""
+        return self.allocated + self.fragmentation
+
+    @property
+    def reserve(self) -> int:
+        """Bytes that are not model states, activations or buffers."""
+        return self.cublas_workspace + self.fragmentation + self.cuda_context + self.nccl
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "buffers": self.buffers, "allocated": self.allocated, "reserved": self.reserved,
+                "reserve": self.reserve}
 
 
 def largest_layer_params(cfg) -> int:
@@ -85,16 +176,50 @@ def largest_layer_params(cfg) -> int:
     return max(cfg.vocab_size * h, h * i, h * h)
 
 
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def no_decay_params(cfg) -> int:
+    """Norm weights and biases: the trainer's parameter group without weight decay."""
+    h, n_layers = cfg.hidden_size, cfg.num_hidden_layers
+    hd, kv = _head_dim(cfg), cfg.num_key_value_heads or cfg.num_attention_heads
+    per_layer = 2 * h
+    if getattr(cfg, "attention_bias", False):
+        per_layer += cfg.num_attention_heads * hd + 2 * kv * hd + h
+    if getattr(cfg, "mlp_bias", False):
+        per_layer += 2 * cfg.intermediate_size + h
+    return n_layers * per_layer + h
+
+
+def optimizer_state_bytes(cfg, optimizer: str, dp: int, cpu_impl: bool = False) -> int:
+    """Bytes of optimizer state one rank keeps: per parameter group, its flat partition of ~numel/dp values."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if optimizer == "lion" and cpu_impl:
+        return int(8 * count_parameters(cfg) / dp)  # DeepSpeedCPULion also allocates exp_avg_sq
+    plain = no_decay_params(cfg)
+    total = 0.0
+    for numel in (count_parameters(cfg) - plain, plain):
+        part = -(-numel // dp)
+        total += state_bytes_per_param(optimizer, part) * part
+        if optimizer == "adamw8bit" and part >= BNB_MIN_8BIT_SIZE:
+            total += 2 * BNB_BLOCK * 4  # the two quantile maps (qmap1, qmap2)
+    return int(total)
+
+
 def model_states(cfg, s: Setting, dp: int, gpus_per_node: int = 1) -> tuple[int, int, int, int]:
     """(params, grads, optimizer) bytes per GPU and CPU bytes per node."""
     n = count_parameters(cfg)
     big = largest_layer_params(cfg)
     nodes = max(1, dp // gpus_per_node)
-    if s.dtype == "fp32":
-        w, g16, g32, opt = 4, 4, 0, 8
-    else:
-        w, g16, g32, opt = 2, 2, 4, 12
     st = s.zero_stage
+    if s.dtype == "fp32":
+        w, g16, g32, master = 4, 4, 0, (4 if st >= 1 else 0)
+    else:
+        w, g16, g32, master = 2, 2, 4, 4
+    opt_dp = dp if st >= 1 else 1
+    state = optimizer_state_bytes(cfg, s.optimizer, opt_dp)
     params = w * n / dp if st == 3 else w * n
     if st == 3:
         grads = (g32 or g16) * n / dp  # 16-bit gradients leave through the reduce bucket (see buffers)
@@ -102,24 +227,52 @@ def model_states(cfg, s: Setting, dp: int, gpus_per_node: int = 1) -> tuple[int,
         grads = (g16 + g32) * n / dp
     else:
         grads = g16 * n + g32 * n / dp
-    optimizer = opt * n / dp if st >= 1 else opt * n
+    optimizer = master * n / opt_dp + state
     if st == 3:
         params += 4 * big  # the largest layer gathered (weights + gradients) for its compute
     cpu = 0
+    # DeepSpeed's estimators (x1.5 buffer factor) for AdamW, moved by the chosen optimizer's state size
+    cpu_state = optimizer_state_bytes(cfg, s.optimizer, 1, cpu_impl=True) / n
     if s.offload_optimizer:
         optimizer = 0
+        grads = 0
         if st == 3:
-            grads = 0
-            cpu = n * 16 / nodes * 1.5
+            cpu = n * (16 + cpu_state - 8) / nodes * 1.5
         else:
-            grads = 0
-            cpu = n * max(4 * dp, 16) * 1.5 / nodes
+            cpu = n * max(4 * dp, 16 + cpu_state - 8) * 1.5 / nodes
     if s.offload_param:
         if st != 3:
             raise ValueError("parameter offload needs ZeRO-3")
         params = 4 * big
-        cpu = n * 18 / nodes * 1.5
+        cpu = n * (18 + cpu_state - 8) / nodes * 1.5
     return int(params), int(grads), int(optimizer), int(cpu)
+
+
+def module_order(cfg) -> list[int]:
+    """Parameter counts of the modules with parameters, in forward order (HF LlamaForCausalLM)."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd, a = _head_dim(cfg), cfg.num_attention_heads
+    kv = cfg.num_key_value_heads or a
+    ab, mb = getattr(cfg, "attention_bias", False), getattr(cfg, "mlp_bias", False)
+    layer = [h, h * a * hd + (a * hd if ab else 0), h * kv * hd + (kv * hd if ab else 0), h * kv * hd + (kv * hd if ab else 0),
+             a * hd * h + (h if ab else 0), h, h * i + (i if mb else 0), h * i + (i if mb else 0), i * h + (h if mb else 0)]
+    return [v * h] + layer * cfg.num_hidden_layers + [h, v * h]
+
+
+def zero3_live_params(cfg, s: Setting) -> int:
+    """Gathered 16-bit parameters at the forward/backward turn beyond the estimator's largest layer (ZeRO-3)."""
+    if s.zero_stage != 3:
+        return 0
+    d = DTYPE_BYTES[s.dtype]
+    order = module_order(cfg)
+    persistent = sum(m for m in order if m < s.persistence_threshold)
+    retained, after = 0, 0
+    for m in reversed(order):  # `after`: parameters used after this module in the forward
+        if m >= s.persistence_threshold and 2 * after < s.max_reuse_distance:
+            retained += m
+        after += m
+    prefetch = max(0, min(s.prefetch_bucket, s.max_live_parameters - retained))
+    return int(d * (retained + prefetch + persistent))
 
 
 def layer_bytes_per_token(cfg, d: int) -> int:
@@ -127,37 +280,71 @@ def layer_bytes_per_token(cfg, d: int) -> int:
     return (8 * h + 4 * i) * d + 8 * h + 4 * a + 8
 
 
-def activation_bytes(cfg, micro_batch: int, seq_len: int, grad_ckpt: bool, dtype: str = "bf16") -> int:
+def mask_bytes_per_layer(micro_batch: int, seq_len: int, d: int) -> int:
+    """The additive attention mask SDPA builds from the boolean one and saves, per layer."""
+    return micro_batch * seq_len * (-(-seq_len // 16) * 16) * d
+
+
+def head_bytes_per_token(cfg, d: int) -> int:
+    h = cfg.hidden_size
+    return 4 * cfg.vocab_size + 4 * h + 2 * h * d + 20
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, grad_ckpt: bool, dtype: str = "bf16", attn_mask: bool = False) -> int:
     """Bytes saved for backward by one forward pass of LlamaForCausalLM (with the loss)."""
     d = DTYPE_BYTES[dtype]
-    h, n_layers, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    h, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     tokens = micro_batch * seq_len
-    head = 4 * v + 4 * h + 2 * h * d + 20
+    head = head_bytes_per_token(cfg, d)
     if grad_ckpt:
-        per_token = n_layers * h * d + head
-    else:
-        rope = 2 * (h // cfg.num_attention_heads) * d / micro_batch
-        per_token = n_layers * layer_bytes_per_token(cfg, d) + head + rope
-    return int(per_token * tokens)
+        total = (n_layers * h * d + head) * tokens
+        if attn_mask:
+            total += micro_batch * seq_len * seq_len  # the boolean mask, held for the recomputation
+        return int(total)
+    rope = 2 * _head_dim(cfg) * d / (1 if attn_mask else micro_batch)
+    total = (n_layers * layer_bytes_per_token(cfg, d) + head + rope) * tokens
+    if attn_mask:
+        total += n_layers * mask_bytes_per_layer(micro_batch, seq_len, d)
+    return int(total)
+
+
+def backward_peak_bytes(cfg, micro_batch: int, seq_len: int, grad_ckpt: bool, dtype: str = "bf16", attn_mask: bool = False) -> int:
+    """Bytes live at the backward peak on top of the saved activations: the larger of the head's phase
+    and a layer's (recomputed when checkpointing), see the module docstring."""
+    d = DTYPE_BYTES[dtype]
+    tokens = micro_batch * seq_len
+    head_phase = tokens * cfg.vocab_size * 8
+    layer_phase = tokens * 2 * cfg.intermediate_size * d - tokens * head_bytes_per_token(cfg, d)
+    if grad_ckpt:
+        layer_phase += tokens * layer_bytes_per_token(cfg, d)
+        if attn_mask:
+            layer_phase += mask_bytes_per_layer(micro_batch, seq_len, d)
+    return int(max(head_phase, layer_phase))
+
+
+def bucket_bytes(s: Setting) -> int:
+    d = DTYPE_BYTES[s.dtype]
+    if s.zero_stage in (1, 2):
+        return int(s.reduce_bucket * d * (2 if s.overlap_comm else 1) + s.allgather_bucket * d)
+    if s.zero_stage == 3:
+        return int(s.reduce_bucket * d * (2 if s.overlap_comm else 1))
+    return 0
 
 
 def temporary_bytes(cfg, s: Setting, seq_len: int) -> int:
-    d = DTYPE_BYTES[s.dtype]
-    tokens = s.micro_batch * seq_len
-    tmp = tokens * cfg.vocab_size * (4 + d)  # d(loss)/d(logits), fp32 and compute dtype
-    if s.grad_ckpt:
-        tmp += tokens * layer_bytes_per_token(cfg, d)  # one layer recomputed at a time
-    if s.zero_stage in (1, 2):
-        tmp += s.reduce_bucket * d * (2 if s.overlap_comm else 1) + s.allgather_bucket * d
-    elif s.zero_stage == 3:
-        tmp += s.prefetch_bucket * d + s.reduce_bucket * d * (2 if s.overlap_comm else 1)
-    return int(tmp)
+    return backward_peak_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask) + bucket_bytes(s)
 
 
 def breakdown(cfg, s: Setting, seq_len: int, dp: int, gpus_per_node: int = 1) -> Breakdown:
     params, grads, optimizer, cpu = model_states(cfg, s, dp, gpus_per_node)
+    live = zero3_live_params(cfg, s)
     act = activation_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype)
-    buf = temporary_bytes(cfg, s, seq_len)
-    used = params + grads + optimizer + act + buf
-    reserve = int(CONTEXT_RESERVE + FRAGMENTATION * used)
-    return Breakdown(params, grads, optimizer, act, buf, reserve, used + reserve, cpu)
+    mask = activation_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask) - act
+    peak = backward_peak_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask)
+    buckets = bucket_bytes(s)
+    allocated = params + grads + optimizer + live + act + mask + peak + buckets + CUBLAS_WORKSPACE
+    frag = int((FRAGMENTATION_EXPANDABLE if s.expandable_segments else FRAGMENTATION) * allocated)
+    nccl = NCCL_COMMUNICATORS * NCCL_PER_COMMUNICATOR if dp > 1 else 0
+    total = allocated + frag + CUDA_CONTEXT + nccl
+    return Breakdown(params, grads, optimizer, live, act, mask, peak, buckets, CUBLAS_WORKSPACE, frag, CUDA_CONTEXT,
+                     nccl, total, cpu)

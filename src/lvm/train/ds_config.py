@@ -1,8 +1,10 @@
 """Resolve a DeepSpeed JSON against the run's options: "auto" is filled, contradictions are errors.
 
-The CLI owns micro batch, accumulation, learning rate, weight decay, clipping and precision. A
-JSON value of "auto" takes the flag's value; a concrete JSON value is adopted unless the user also
-set the flag to something else, which stops the run with a message saying what to change.
+The CLI owns micro batch, accumulation, learning rate, weight decay, clipping, precision and the
+optimizer. A JSON value of "auto" takes the flag's value; a concrete JSON value is adopted unless the
+user also set the flag to something else, which stops the run with a message saying what to change.
+The optimizer is the "optimizer" section's type (AdamW, Lion, SGD, AdamW8bit; "auto" or no section: the
+flag, default adamw); `lvm.train.optimizers` says why one cannot run, before any compute.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lvm.train import optimizers
 from lvm.train.options import RunOptions
 
 # (path in the ds_config, RunOptions field, flag)
@@ -69,7 +72,8 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
     planned = ds.pop("lvm_plan", {})  # written by launch/plan.py: choices DeepSpeed has no key for
     if planned.get("activation_checkpointing") and "grad_ckpt" not in given:
         opts.grad_ckpt = True
-    ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}})
+    choose_optimizer(ds, opts, given)
+
     def settle(path, field, flag):
         cur = _get(ds, path)
         mine = getattr(opts, field)
@@ -110,17 +114,55 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
     if ds["bf16"]["enabled"] and ds["fp16"]["enabled"]:
         raise ConfigError("ds_config enables both bf16 and fp16")
     opts.precision = precision
-    if device.type != "cuda":
+    if device.type != "cuda" and ds["optimizer"]["type"] == "AdamW":
         ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)  # no fused CUDA Adam on CPU
     stage = int(_get(ds, ("zero_optimization", "stage")) or 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ds_config zero_optimization.stage={stage}: must be 0-3")
+    try:
+        optimizers.check(opts.optimizer, ds, device)
+    except optimizers.OptimizerError as e:
+        raise ConfigError(str(e)) from None
     ds.setdefault("steps_per_print", 10**9)  # our own logger reports progress
     leftover = [".".join(p) for p in _auto_paths(ds)]
     if leftover:
         raise ConfigError(f"ds_config leaves {', '.join(leftover)} as \"auto\" and no flag fills them "
                           "(use launch/plan.py or --gpu-mem-gib to plan them, or set values)")
     return ds
+
+
+def optimizer_name(ds: dict, opts, given: set[str]) -> str:
+    """The optimizer of the run: --optimizer, or the ds_config's optimizer.type; a contradiction is an error."""
+    flag = getattr(opts, "optimizer", "adamw")  # RunOptions.optimizer (default adamw)
+    section = ds.get("optimizer")
+    typ = section.get("type", "auto") if isinstance(section, dict) else "auto"
+    if typ in ("auto", None):
+        return flag
+    name = optimizers.name_of_type(typ)
+    if name is None:
+        raise ConfigError(f"ds_config optimizer.type={typ}: this pipeline trains with "
+                          f"{', '.join(optimizers.DS_TYPES.values())} (--optimizer {', '.join(optimizers.OPTIMIZERS)})")
+    if "optimizer" in given and name != flag:
+        raise ConfigError(f"ds_config sets optimizer.type={typ} but --optimizer {flag}: set it to \"auto\" in the JSON "
+                          "to let the flag decide, or drop the flag")
+    return name
+
+
+def choose_optimizer(ds: dict, opts, given: set[str]) -> None:
+    """Settle the optimizer (on `opts.optimizer`) and write its section: type, lr/weight decay "auto", and the
+    hyper-parameters it takes (those the JSON gives win; ones it cannot take are dropped when the JSON
+    left the type to the flag)."""
+    name = optimizer_name(ds, opts, given)
+    section = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
+    params = dict(section.get("params") or {})
+    if section.get("type", "auto") in ("auto", None):
+        keep = {"lr", "weight_decay", *optimizers.EXTRA_PARAMS[name]}
+        params = {k: v for k, v in params.items() if k in keep}
+    params = {**optimizers.EXTRA_PARAMS[name], **params}
+    params.setdefault("lr", "auto")
+    params.setdefault("weight_decay", "auto")
+    ds["optimizer"] = {**section, "type": optimizers.DS_TYPES[name], "params": params}
+    opts.optimizer = name
 
 
 def _auto_paths(d, prefix=()):
