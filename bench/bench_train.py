@@ -17,8 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
-from lvm.data.packing import DistributedLoader, PackedWindows  # noqa: E402
-from lvm.data.shards import load_sentences, write_shard  # noqa: E402
+from lvm.data.mixture import DistributedLoader  # noqa: E402
+from lvm.data.packing import SourceWindows  # noqa: E402
+from lvm.data.shards import open_shards, write_shard  # noqa: E402
 from lvm.model.presets import count_parameters, flops_per_token, llama_config  # noqa: E402
 from lvm.train.metrics import device_peak_flops  # noqa: E402
 from lvm.train.trainer import build_model, param_groups  # noqa: E402
@@ -29,7 +30,7 @@ def make_table(tmp: Path, n: int = 400):
     rows = [{"tokens": rng.integers(0, 8192, 256 * 16, dtype=np.uint16), "n_images": 16, "kind": "video", "id": f"v{i}"}
             for i in range(n)]
     write_shard(tmp / "t-0.arrow", rows)
-    return load_sentences(tmp)
+    return open_shards(tmp)
 
 
 def step_time(step, batches, n=8, warmup=3) -> float:
@@ -46,7 +47,7 @@ def cpu_rows(table, seq_len=1024, micro=4) -> list:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29651")
     deepspeed.init_distributed(dist_backend="gloo")
-    loader = DistributedLoader(PackedWindows(table, seq_len, "concat", 0), micro)
+    loader = DistributedLoader(SourceWindows(table, seq_len, "concat", 0), micro)
     batches = [loader.next_batch().model_inputs() for _ in range(12)]
     cfg = llama_config("tiny", seq_len)
     ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -77,7 +78,7 @@ def cpu_rows(table, seq_len=1024, micro=4) -> list:
     t_plain = min(step_time(plain_step, batches) for _ in range(2))
     t_ds = min(step_time(ds_step, batches) for _ in range(2))
     tokens = micro * seq_len
-    fresh = DistributedLoader(PackedWindows(table, seq_len, "concat", 0), micro)
+    fresh = DistributedLoader(SourceWindows(table, seq_len, "concat", 0), micro)
     n = 200
     t = time.perf_counter()
     for _ in range(n):

@@ -83,3 +83,21 @@ def test_non_finite_losses_skip_updates_then_stop(train_shards, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("loss" not in x for x in rows)  # no made-up loss for a step without a finite one
     assert rows[-1]["skipped_steps"] == 2
+
+
+def test_mixture_inputs_are_checked_before_compute(train_shards, second_source, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(second_source, other)
+    info = json.loads((other / "tokenizer.json").read_text())
+    (other / "tokenizer.json").write_text(json.dumps({**info, "spec": "vqgan:/elsewhere"}))
+    err = one_line_error(run_train(1, base_args([train_shards, other], tmp_path / "r"), check=False))
+    assert "source other" in err and "same tokenizer" in err
+    for data, extra, want in (
+        ([train_shards, second_source], ["--data-weights", "1", "0"], "must be positive numbers, got 0.0"),
+        ([train_shards, second_source], ["--data-weights", "1"], "has 1 values for 2 --data sources"),
+        ([train_shards, tmp_path / "nope"], [], "nope does not exist"),
+        ([train_shards, train_shards], [], "twice"),
+    ):
+        r = run_train(1, base_args(data, tmp_path / "r", *extra), check=False)
+        assert want in one_line_error(r)
+        assert not (tmp_path / "r").exists()  # stopped before anything was written

@@ -36,23 +36,39 @@ def test_loss_falls_with_two_ranks(train_shards, tmp_path, stage):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000030"]
 
 
-def test_resume_equals_uninterrupted_and_survives_sigkill(train_shards, tmp_path):
-    common = ["--ds_config", "ds_configs/zero2.json", "--max-steps", "12", "--keep-last", "10"]
+def test_mixture_resume_equals_uninterrupted_and_survives_sigkill(train_shards, second_source, tmp_path):
+    """Two weighted sources: resume (from a checkpoint, and after SIGKILL) continues the exact stream."""
+    sources = [train_shards, second_source]
+    common = ["--ds_config", "ds_configs/zero2.json", "--max-steps", "12", "--keep-last", "10",
+              "--data-weights", "0.7", "0.3", "--eval-every", "12"]
     full = tmp_path / "full"
-    run_train(2, base_args(train_shards, full, *common, "--save-every", "4"))
+    run_train(2, base_args(sources, full, *common, "--save-every", "4"))
     ref = read_metrics(full)
+    per_step = 2 * 2 * 256  # micro batch x ranks x seq
+    for s, row in ref.items():
+        drawn = row["tokens_by_source"]
+        assert set(drawn) == {"shards", "laion"} and sum(drawn.values()) == s * per_step
+        assert "loss/shards" in row and "loss/laion" in row
+    assert abs(ref[12]["tokens_by_source"]["laion"] / (12 * per_step) - 0.3) <= 0.03
+    val = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val and {"loss/shards", "loss/laion"} <= set(val[-1])
+
+    def same(got, keys=("loss", "loss/shards", "loss/laion")):
+        for s in got:
+            assert got[s]["tokens_by_source"] == ref[s]["tokens_by_source"]
+            for k in keys:
+                assert abs(got[s][k] - ref[s][k]) <= 1e-6, (s, k, got[s][k], ref[s][k])
 
     resumed = tmp_path / "resumed"
-    run_train(2, base_args(train_shards, resumed, *common, "--save-every", "4",
+    run_train(2, base_args(sources, resumed, *common, "--save-every", "4",
                            "--resume", str(full / "checkpoints" / "step_00000004")))
     got = read_metrics(resumed)
     assert sorted(got) == list(range(5, 13))
-    for s in got:
-        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6, (s, got[s]["loss"], ref[s]["loss"])
+    same(got)
 
     # SIGKILL mid-run, then --resume auto continues the exact stream.
     killed = tmp_path / "killed"
-    args = base_args(train_shards, killed, *common, "--save-every", "2", "--max-steps", "12")
+    args = base_args(sources, killed, *common, "--save-every", "2")
     proc = subprocess.Popen(train_cmd(2, args), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
@@ -66,8 +82,9 @@ def test_resume_equals_uninterrupted_and_survives_sigkill(train_shards, tmp_path
     run_train(2, args)
     got = read_metrics(killed)
     assert sorted(got) == list(range(1, 13))
-    for s in range(1, 13):
-        assert abs(got[s]["loss"] - ref[s]["loss"]) <= 1e-6, (s, got[s]["loss"], ref[s]["loss"])
+    same(got)
+    val_killed = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert abs(val_killed[-1]["loss/laion"] - val[-1]["loss/laion"]) <= 1e-6
 
 
 def test_sigusr1_saves_and_resume_continues(train_shards, tmp_path):

@@ -1,43 +1,101 @@
-"""Visual sentences -> fixed-length training windows, deterministic and resumable.
+"""Visual sentences of one source -> fixed-length training windows, deterministic and directly addressable.
 
 Every sentence becomes `[BOS] tokens [EOS]`. Two ways to fill `seq_len`-token windows:
 
-- `concat` (default, as LVM/EasyLM): per epoch, sentences in a seeded shuffled order are
+- `concat` (default, as LVM/EasyLM): per epoch, the sentences in a seeded shuffled order are
   concatenated into one stream that is cut into windows; the remainder of an epoch is dropped.
-- `sentence`: per epoch, whole sentences are packed best-fit into windows and never split
-  (a sentence longer than a window is truncated to it); the rest is PAD, which is never a target.
-  `position_ids` restart at 0 for every sentence, so attention never crosses sentences, and the
-  first token of each sentence is not a target (it would be predicted from the previous one).
+- `sentence`: whole sentences are packed best-fit-decreasing into windows and never split (a sentence
+  longer than a window is truncated to it); the rest is PAD, which is never a target. `position_ids`
+  restart at 0 for every sentence, so attention never crosses sentences, and the first token of each
+  sentence is not a target (it would be predicted from the previous one). Packing works per shard, from
+  the shard's counts of sentences per length (recorded when it was written), so the number of windows
+  of every shard is known before any shard is read.
 
-The stream of windows is global: window g of the run is window g mod W of epoch g div W. A
-micro-step consumes `world_size * micro_batch` consecutive windows, rank r taking its slice. The
-loader's only state is `windows_consumed`, so a resumed run sees exactly the windows the
-uninterrupted one would have seen next, for any world size with the same global batch.
+The shuffle and what it mixes. Its state is O(number of shards); window w of epoch e is computed
+directly (no pass over earlier windows), so a resumed run is exact and resuming costs nothing:
+
+1. Shards: a seeded permutation of the source's shards per epoch. In `concat` mode the epoch stream is
+   the shards in that order; in `sentence` mode the epoch's windows are the shards' windows in that order.
+2. Sentences inside a shard: in `concat` mode each block of `BLOCK_SENTENCES` consecutive sentences of a
+   shard is permuted (seeded by epoch, shard and block); in `sentence` mode all sentences of a shard are
+   permuted before they are assigned to bins (seeded by epoch and shard). So a window holds sentences
+   drawn at random from one block (`concat`: ~8k sentences, the size of a make_shards shard) or one
+   shard (`sentence`), never a run of neighbours as they were written.
+3. Read order: the epoch's windows are cut into chunks spanning about `CHUNK_SHARDS` shards, and each
+   chunk is read in a keyed pseudo-random order (a Feistel permutation). Consecutive windows, hence the
+   windows of one global batch, come from different shards of the chunk, at random places in them.
+
+What it does not do: a global shuffle. Two sentences in different chunks of an epoch (far apart in
+the epoch's shard order) are never in the same batch of that epoch; the shard permutation changes
+per epoch, so chunks are regrouped every epoch. Each chunk keeps its shards' layouts in a bounded
+cache, so per-rank memory is O(shards) + O(chunk's shards' layouts) whatever the corpus size.
 """
 
 from __future__ import annotations
 
-import bisect
+import math
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lvm.data.shards import SentenceTable
+from lvm.data.shards import ShardError, ShardSet
 from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 
 PACKING_MODES = ("concat", "sentence")
+BLOCK_SENTENCES = 8192        # concat: sentences shuffled together inside a shard
+CHUNK_SHARDS = 16             # read order is random inside chunks of the epoch spanning about this many shards
+LAYOUT_SENTENCES = 1 << 22    # sentence mode: a chunk spans at most this many sentences (bounds the layouts held)
+M64 = (1 << 64) - 1
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def mix64(*words: int) -> int:
+    h = 0x243F6A8885A308D3
+    for w in words:
+        h = _splitmix64(h ^ (int(w) & M64))
+    return h
+
+
+def feistel(i: int, n: int, key: int, rounds: int = 4) -> int:
+    """Position i of a keyed pseudo-random permutation of range(n): a balanced Feistel network on
+    the smallest even-bit domain >= n, cycle-walking until the value falls inside range(n)."""
+    if not 0 <= i < n:
+        raise IndexError(f"{i} outside range({n})")
+    if n <= 2:
+        return i if n == 1 or key & 1 == 0 else 1 - i
+    half = ((n - 1).bit_length() + 1) // 2
+    mask = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & mask
+        for r in range(rounds):
+            left, right = right, left ^ (_splitmix64(key ^ (r << 58) ^ right) & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+def seeded_rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng([int(w) for w in words])
 
 
 def best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing of sentences (ids from `order`) into windows."""
-    by_len = sorted(order.tolist(), key=lambda i: -min(int(lengths[i]), capacity))  # stable: ties keep order
+    """Best-fit decreasing bin packing of sentences (ids from `order`), one item at a time.
+
+    The reference for `bin_types` (which packs by length counts) in the tests."""
+    import bisect
+
+    by_len = sorted(order.tolist(), key=lambda i: -min(int(lengths[i]), capacity))
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (remaining, bin index)
+    free: list[tuple[int, int]] = []
     for i in by_len:
         need = min(int(lengths[i]), capacity)
         k = bisect.bisect_left(free, (need, -1))
@@ -53,11 +111,64 @@ def best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list
     return bins
 
 
+def bin_types(length_counts: dict[int, int], capacity: int) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
+    """Best-fit decreasing over a multiset of lengths given as {length: count}, in bulk.
+
+    Items of equal length are interchangeable, so BFD needs only the counts: returns (class lengths,
+    descending; bin compositions as counts per class; how many bins have each composition). The number
+    of bins equals item-by-item BFD's. Items longer than `capacity` count as `capacity`."""
+    counts: dict[int, int] = defaultdict(int)
+    for length, c in length_counts.items():
+        if c:
+            counts[min(int(length), capacity)] += int(c)
+    lens = sorted(counts, reverse=True)
+    k = len(lens)
+    groups: dict[tuple[int, tuple[int, ...]], int] = {}  # (room, composition) -> bins
+
+    def add(room: int, comp: tuple[int, ...], n: int) -> None:
+        groups[(room, comp)] = groups.get((room, comp), 0) + n
+
+    def plus(comp: tuple[int, ...], ci: int, m: int) -> tuple[int, ...]:
+        return comp[:ci] + (comp[ci] + m,) + comp[ci + 1 :]
+
+    empty = (0,) * k
+    for ci, length in enumerate(lens):
+        c = counts[length]
+        while c > 0:
+            fits = [key for key in groups if key[0] >= length]
+            if not fits:  # new bins, each filled with as many as fit
+                m = capacity // length
+                full, rest = divmod(c, m)
+                if full:
+                    add(capacity - m * length, plus(empty, ci, m), full)
+                if rest:
+                    add(capacity - rest * length, plus(empty, ci, rest), 1)
+                break
+            key = min(fits)  # best fit: the smallest room that holds it
+            room, comp = key
+            nb = groups.pop(key)
+            m = room // length  # a bin keeps taking items while they fit: it stays the best fit
+            full = min(nb, c // m)
+            if full:
+                add(room - m * length, plus(comp, ci, m), full)
+                c -= full * m
+                nb -= full
+            if nb and 0 < c < m:
+                add(room - c * length, plus(comp, ci, c), 1)
+                nb -= 1
+                c = 0
+            if nb:
+                add(room, comp, nb)
+    types = sorted(groups.items(), key=lambda kv: kv[0][1], reverse=True)
+    return lens, [comp for (_, comp), _ in types], [n for _, n in types]
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None
+    sources: torch.Tensor | None = None  # source index of each window (a mixture's)
 
     def model_inputs(self) -> dict:
         d = {"input_ids": self.input_ids, "labels": self.labels}
@@ -66,109 +177,196 @@ class Batch:
         return d
 
 
-class PackedWindows:
-    """Window g of the global stream, for either packing mode."""
+class _LRU(OrderedDict):
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
 
-    def __init__(self, table: SentenceTable, seq_len: int, mode: str = "concat", seed: int = 0):
+    def get_or(self, key, make):
+        v = self.get(key)
+        if v is None:
+            v = make()
+            self[key] = v
+            while len(self) > self.capacity:
+                self.popitem(last=False)
+        else:
+            self.move_to_end(key)
+        return v
+
+
+class SourceWindows:
+    """Windows of one source (a folder of shards): window i is window i mod W of epoch i div W."""
+
+    def __init__(self, shards: ShardSet, seq_len: int, mode: str = "concat", seed: int = 0, stream: int = 0):
         if mode not in PACKING_MODES:
             raise ValueError(f"--packing must be one of {PACKING_MODES}, got {mode!r}")
-        if len(table) == 0:
-            raise ValueError("no sentences to train on")
-        self.table, self.seq_len, self.mode, self.seed = table, seq_len, mode, seed
-        self.lengths = table.lengths() + 2  # BOS + EOS
-        total = int(self.lengths.sum())
+        if len(shards) == 0:
+            raise ValueError(f"{shards.folder}: no sentences to train on")
+        self.shards, self.seq_len, self.mode, self.seed, self.stream = shards, seq_len, mode, seed, stream
+        S = shards.n_shards
         if mode == "concat":
+            self.unit = shards.tokens + 2 * shards.sentences  # stream tokens per shard
+            total = int(self.unit.sum())
             self.per_epoch = total // seq_len
             if self.per_epoch == 0:
-                raise ValueError(f"the data holds {total} tokens, fewer than one window of {seq_len}")
+                raise ValueError(f"{shards.folder}: the data holds {total} tokens, fewer than one window of {seq_len}")
+            span = CHUNK_SHARDS
         else:
-            self.per_epoch = len(self._bins(0))
-        self._cache: tuple[int, object] | None = None
+            self.unit = np.array([sum(bin_types(self._stream_counts(j), seq_len)[2]) for j in range(S)], np.int64)
+            self.per_epoch = int(self.unit.sum())
+            span = max(1, LAYOUT_SENTENCES // max(1, int(shards.sentences.max())))
+        self.span = max(1, min(span, CHUNK_SHARDS, S))
+        self.chunk = max(1, math.ceil(self.per_epoch * self.span / S))
+        shards.capacity = max(shards.capacity, 2 * self.span + 2)
+        self._epochs = _LRU(3)
+        self._layouts = _LRU(2 * self.span + 2 if mode == "sentence" else 8 * self.span + 8)
 
-    def _bins(self, epoch: int) -> list[list[int]]:
-        bins = best_fit(self.lengths, epoch_order(len(self.table), self.seed, epoch), self.seq_len)
-        perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(bins))
-        return [bins[k] for k in perm]
+    # --- the order -------------------------------------------------------------------------------
+    def _stream_counts(self, j: int) -> dict[int, int]:
+        """{tokens with BOS/EOS: sentences} of shard j."""
+        return {length + 2: c for length, c in self.shards.length_counts(j).items()}
 
-    def _epoch(self, epoch: int):
-        if self._cache is None or self._cache[0] != epoch:
-            if self.mode == "concat":
-                order = epoch_order(len(self.table), self.seed, epoch)
-                ends = np.cumsum(self.lengths[order])
-                self._cache = (epoch, (order, ends))
-            else:
-                self._cache = (epoch, self._bins(epoch))
-        return self._cache[1]
+    def epoch_layout(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard permutation, cumulative stream tokens (concat) or windows (sentence) in that order)."""
+        def make():
+            perm = seeded_rng(self.seed, self.stream, e).permutation(self.shards.n_shards)
+            cum = np.zeros(len(perm) + 1, np.int64)
+            np.cumsum(self.unit[perm], out=cum[1:])
+            return perm, cum
+        return self._epochs.get_or(e, make)
 
-    def _sentence_tokens(self, i: int) -> np.ndarray:
-        out = np.empty(self.lengths[i], np.int64)
-        out[0], out[-1] = BOS_ID, EOS_ID
-        out[1:-1] = self.table.sentence(i)
-        return out
+    def read_position(self, e: int, w: int) -> int:
+        """Which window of epoch e's packed stream is the w-th read (a permutation inside each chunk)."""
+        c, q = divmod(w, self.chunk)
+        size = min(self.chunk, self.per_epoch - c * self.chunk)
+        return c * self.chunk + feistel(q, size, mix64(self.seed, self.stream, e, c))
 
-    def window(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(input_ids, labels, position_ids or None) of global window g."""
-        epoch, w = divmod(g, self.per_epoch)
-        data = self._epoch(epoch)
-        if self.mode == "concat":
-            order, ends = data
-            start, stop = w * self.seq_len, (w + 1) * self.seq_len
-            k = int(np.searchsorted(ends, start, side="right"))
-            pieces, pos = [], start
-            while pos < stop:
-                i = order[k]
-                s0 = ends[k] - self.lengths[i]
-                toks = self._sentence_tokens(i)
-                take = toks[pos - s0 : min(stop, ends[k]) - s0]
-                pieces.append(take)
-                pos += len(take)
-                k += 1
-            ids = np.concatenate(pieces)
-            return ids, ids.copy(), None
-        ids = np.full(self.seq_len, PAD_ID, np.int64)
-        labels = np.full(self.seq_len, IGNORE_INDEX, np.int64)
-        pos_ids = np.zeros(self.seq_len, np.int64)
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(input_ids, labels, position_ids or None) of the source's window i."""
+        e, w = divmod(i, self.per_epoch)
+        return self.window_at(e, self.read_position(e, w))
+
+    def window_at(self, e: int, p: int):
+        return self._concat_window(e, p) if self.mode == "concat" else self._sentence_window(e, p)
+
+    # --- concat ----------------------------------------------------------------------------------
+    def _block_starts(self, shard) -> np.ndarray:
+        starts = shard.cache.get("block_starts")
+        if starts is None:
+            first = np.arange(0, len(shard), BLOCK_SENTENCES, dtype=np.int64)
+            starts = shard.offsets[first].astype(np.int64) - int(shard.offsets[0]) + 2 * first
+            shard.cache["block_starts"] = starts
+        return starts
+
+    def _block(self, e: int, s: int, b: int, shard) -> tuple[np.ndarray, np.ndarray]:
+        def make():
+            lo = b * BLOCK_SENTENCES
+            hi = min(lo + BLOCK_SENTENCES, len(shard))
+            perm = seeded_rng(self.seed, self.stream, e, s, b).permutation(hi - lo)
+            lens = np.diff(shard.offsets[lo : hi + 1].astype(np.int64))[perm] + 2
+            return perm + lo, np.cumsum(lens)
+        return self._layouts.get_or((e, s, b), make)
+
+    def _concat_window(self, e: int, p: int):
+        L = self.seq_len
+        perm, cum = self.epoch_layout(e)
+        out = np.empty(L, np.int64)
+        pos, at = p * L, 0
+        while at < L:
+            j = int(np.searchsorted(cum, pos, side="right")) - 1
+            s = int(perm[j])
+            shard = self.shards.shard(s)
+            o = pos - int(cum[j])
+            starts = self._block_starts(shard)
+            b = int(np.searchsorted(starts, o, side="right")) - 1
+            order, ends = self._block(e, s, b, shard)
+            ob = o - int(starts[b])
+            k = int(np.searchsorted(ends, ob, side="right"))
+            while at < L and k < len(order):
+                i = int(order[k])
+                a0, a1 = int(shard.offsets[i]), int(shard.offsets[i + 1])
+                n = a1 - a0 + 2
+                begin = ob - (int(ends[k]) - n)
+                take = min(n - begin, L - at)
+                _fill(out, at, shard.values, a0, a1, begin, take)
+                at, pos, ob, k = at + take, pos + take, ob + take, k + 1
+        return out, out.copy(), None
+
+    # --- sentence --------------------------------------------------------------------------------
+    def _types(self, s: int, shard):
+        t = shard.cache.get(("types", self.seq_len))
+        if t is None:
+            lens, comps, mult = bin_types(self._stream_counts(s), self.seq_len)
+            comps = np.array(comps, np.int64).reshape(len(mult), len(lens))
+            mult = np.array(mult, np.int64)
+            cum_mult = np.concatenate([[0], np.cumsum(mult)])
+            base = np.concatenate([np.zeros((1, len(lens)), np.int64), np.cumsum(comps * mult[:, None], 0)])[:-1]
+            t = (np.array(lens, np.int64), comps, cum_mult, base)
+            shard.cache[("types", self.seq_len)] = t
+        return t
+
+    def _shard_layout(self, e: int, s: int, shard, lens: np.ndarray):
+        def make():
+            cl = np.minimum(shard.lengths() + 2, self.seq_len)
+            asc = lens[::-1]
+            at = np.searchsorted(asc, cl)
+            ok = at < len(asc)
+            if not ok.all() or not np.array_equal(asc[at], cl):
+                raise ShardError(f"shard {shard.path}: sentence lengths do not match its recorded length counts")
+            cls = (len(asc) - 1 - at).astype(np.int16)
+            perm = seeded_rng(self.seed, self.stream, e, s).permutation(len(cl))
+            members = perm[np.argsort(cls[perm], kind="stable")].astype(np.int32)
+            start = np.zeros(len(asc) + 1, np.int64)
+            np.cumsum(np.bincount(cls, minlength=len(asc)), out=start[1:])
+            return members, start
+        return self._layouts.get_or((e, s), make)
+
+    def bin_sentences(self, e: int, p: int) -> tuple[int, np.ndarray]:
+        """(shard, its sentence indices) packed into window p of epoch e (sentence mode)."""
+        perm, cum = self.epoch_layout(e)
+        j = int(np.searchsorted(cum, p, side="right")) - 1
+        s = int(perm[j])
+        k = p - int(cum[j])
+        shard = self.shards.shard(s)
+        lens, comps, cum_mult, base = self._types(s, shard)
+        members, start = self._shard_layout(e, s, shard, lens)
+        t = int(np.searchsorted(cum_mult, k, side="right")) - 1
+        r = k - int(cum_mult[t])
+        parts = [members[start[c] + base[t, c] + r * a : start[c] + base[t, c] + (r + 1) * a]
+                 for c, a in enumerate(comps[t].tolist()) if a]
+        return s, np.concatenate(parts)
+
+    def _sentence_window(self, e: int, p: int):
+        L = self.seq_len
+        s, members = self.bin_sentences(e, p)
+        shard = self.shards.shard(s)
+        ids = np.full(L, PAD_ID, np.int64)
+        labels = np.full(L, IGNORE_INDEX, np.int64)
+        pos_ids = np.zeros(L, np.int64)
         at = 0
-        for i in data[w]:
-            toks = self._sentence_tokens(i)[: self.seq_len]
-            n = len(toks)
-            ids[at : at + n] = toks
-            labels[at + 1 : at + n] = toks[1:]
+        for i in members.tolist():
+            a0, a1 = int(shard.offsets[i]), int(shard.offsets[i + 1])
+            n = min(a1 - a0 + 2, L)
+            _fill(ids, at, shard.values, a0, a1, 0, n)
+            labels[at + 1 : at + n] = ids[at + 1 : at + n]
             pos_ids[at : at + n] = np.arange(n)
             at += n
-        pos_ids[at:] = np.arange(self.seq_len - at)
+        pos_ids[at:] = np.arange(L - at)
         return ids, labels, pos_ids
 
+    def identity(self) -> dict:
+        sh = self.shards
+        return {"shards": sh.n_shards, "sentences": len(sh), "tokens": int(sh.tokens.sum()), "windows_per_epoch": self.per_epoch}
 
-class DistributedLoader:
-    """Micro-batches of windows for one data-parallel rank; state = windows consumed globally."""
 
-    def __init__(self, windows: PackedWindows, micro_batch: int, rank: int = 0, world_size: int = 1):
-        self.windows, self.micro_batch, self.rank, self.world_size = windows, micro_batch, rank, world_size
-        self.windows_consumed = 0
-
-    def next_batch(self) -> Batch:
-        first = self.windows_consumed + self.rank * self.micro_batch
-        parts = [self.windows.window(first + j) for j in range(self.micro_batch)]
-        self.windows_consumed += self.world_size * self.micro_batch
-        ids = torch.from_numpy(np.stack([p[0] for p in parts]))
-        labels = torch.from_numpy(np.stack([p[1] for p in parts]))
-        pos = torch.from_numpy(np.stack([p[2] for p in parts])) if parts[0][2] is not None else None
-        return Batch(ids, labels, pos)
-
-    @property
-    def epoch(self) -> float:
-        return self.windows_consumed / self.windows.per_epoch
-
-    def state_dict(self) -> dict:
-        w = self.windows
-        return {"windows_consumed": self.windows_consumed, "seq_len": w.seq_len, "mode": w.mode, "seed": w.seed,
-                "n_sentences": len(w.table), "windows_per_epoch": w.per_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        w = self.windows
-        mine = {"seq_len": w.seq_len, "mode": w.mode, "seed": w.seed, "n_sentences": len(w.table)}
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if diff:
-            raise ValueError("cannot resume the data stream: " + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
-        self.windows_consumed = int(state["windows_consumed"])
+def _fill(out: np.ndarray, at: int, values: np.ndarray, a0: int, a1: int, begin: int, take: int) -> None:
+    """out[at:at+take] = tokens [begin, begin+take) of the sentence stream [BOS] values[a0:a1] [EOS]."""
+    m = a1 - a0
+    end = begin + take
+    if begin == 0:
+        out[at] = BOS_ID
+    lo, hi = max(begin, 1), min(end, m + 1)
+    if hi > lo:
+        out[at + lo - begin : at + hi - begin] = values[a0 + lo - 1 : a0 + hi - 1]
+    if end == m + 2:
+        out[at + take - 1] = EOS_ID

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lvm.data.shards import SentenceTable
+from lvm.data.shards import KINDS, ShardSet
 from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, TOKENS_PER_IMAGE
 
 SEQUENTIAL_KINDS = ("video", "sequence")
@@ -54,7 +54,7 @@ class Sums:
         return math.exp(self.nll[key] / self.n[key])
 
 
-def sentence_ids(table: SentenceTable, i: int, window: int) -> np.ndarray:
+def sentence_ids(table: ShardSet, i: int, window: int) -> np.ndarray:
     return np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])[:window]
 
 
@@ -73,12 +73,14 @@ def token_losses(model, seqs: list[np.ndarray], device) -> list[np.ndarray]:
     return [nll[r, : len(s) - 1] for r, s in enumerate(seqs)]
 
 
-def score(model, table: SentenceTable, window: int, batch_size: int = 4, rank: int = 0, world: int = 1,
+def score(model, table: ShardSet, window: int, batch_size: int = 4, rank: int = 0, world: int = 1,
           max_sentences: int | None = None, progress: bool = True) -> Sums:
+    """Sums over sentences 0..max_sentences-1 of `table` (this rank: every world-th one)."""
     device = next(model.parameters()).device
     n = len(table) if max_sentences is None else min(max_sentences, len(table))
-    mine = list(range(rank, n, world))
-    mine.sort(key=lambda i: -int(table.offsets[i + 1] - table.offsets[i]))  # similar lengths batch together
+    lengths, kinds, n_images = table.lengths(n), table.kind_codes(n), table.image_counts(n)
+    mine = np.arange(rank, n, world)
+    mine = mine[np.argsort(-lengths[mine], kind="stable")].tolist()  # similar lengths batch together
     sums = Sums()
     bar = tqdm(total=len(mine), unit="sent", desc="eval", disable=not progress or rank != 0)
     # every rank runs the same number of forward passes: ZeRO-3 gathers weights collectively
@@ -90,11 +92,11 @@ def score(model, table: SentenceTable, window: int, batch_size: int = 4, rank: i
             continue
         seqs = [sentence_ids(table, i, window) for i in idx]
         for i, s, nll in zip(idx, seqs, token_losses(model, seqs, device), strict=True):
-            kind = str(table.kinds[i])
+            kind = KINDS[kinds[i]]
             sums.add("all", float(nll.sum()), len(nll))
             sums.add(f"kind/{kind}", float(nll.sum()), len(nll))
             # nll[t] scores token t+1 of the sequence; image j occupies tokens 1 + 256 j ... 256 (j+1)
-            n_full = min(int(table.n_images[i]), (len(s) - 1) // TOKENS_PER_IMAGE)
+            n_full = min(int(n_images[i]), (len(s) - 1) // TOKENS_PER_IMAGE)
             for j in range(n_full):
                 part = nll[j * TOKENS_PER_IMAGE : (j + 1) * TOKENS_PER_IMAGE]
                 if kind in SEQUENTIAL_KINDS:

@@ -47,12 +47,22 @@ class MetricsLogger:
         self.t0 = time.time()
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        """One row of metrics.jsonl; numbers (and numbers inside dict values) become TensorBoard scalars."""
         if not self.enabled:
             return
+
+        def finite(v):
+            return not (isinstance(v, float) and not math.isfinite(v))
+
         # non-finite numbers (an overflowed gradient norm) would make metrics.jsonl invalid JSON
-        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        metrics = {k: ({a: b for a, b in v.items() if finite(b)} if isinstance(v, dict) else v)
+                   for k, v in metrics.items() if finite(v)}
         for k, v in metrics.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, dict):
+                for a, b in v.items():
+                    if isinstance(b, (int, float)):
+                        self.writer.add_scalar(f"{prefix}/{k}/{a}", b, step)
+            elif isinstance(v, (int, float)):
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
         self.jsonl.flush()

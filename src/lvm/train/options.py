@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 
 from lvm.model.presets import DEFAULT_SEQ_LEN, PRESETS
 
@@ -12,8 +13,10 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "lion")
 
 @dataclass
 class RunOptions:
-    data: str = "data/shards"
-    val_data: str | None = None
+    data: list[str] = field(default_factory=lambda: ["data/shards"])
+    data_weights: list[float] | None = None
+    val_data: list[str] | None = None
+    verify_data: bool = False
     model: str = "tiny"
     seq_len: int = DEFAULT_SEQ_LEN
     output: str | None = None
@@ -46,8 +49,11 @@ class RunOptions:
 
 
 HELP = {
-    "data": "training shards: a make_shards output folder (uses its train/) or a folder of *.arrow files",
-    "val_data": "validation shards (default: DATA/val, or DATA/../val)",
+    "data": "training sources: make_shards output folders (each uses its train/) or folders of *.arrow files; "
+            "several make a weighted mixture",
+    "data_weights": "share of the windows drawn from each --data source (normalised; default: proportional to tokens)",
+    "val_data": "validation shards, one folder per --data source (default: SOURCE/val, or SOURCE/../val)",
+    "verify_data": "read every token of every shard before training (default: check sizes and recorded counts only)",
     "model": f"preset ({', '.join(PRESETS)}) or a path to a LlamaConfig JSON",
     "seq_len": "tokens per training window",
     "output": "run folder (default runs/<model>-s<seq_len>): checkpoints/, tensorboard/, metrics.jsonl",
@@ -82,9 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = RunOptions()
     for f in fields(RunOptions):
         flag = "--ds_config" if f.name == "ds_config" else "--" + f.name.replace("_", "-")
-        kw = {"dest": f.name, "default": None, "help": f"{HELP[f.name]} (default: {getattr(defaults, f.name)})"}
-        if f.name == "grad_ckpt":
+        default = getattr(defaults, f.name)
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        kw = {"dest": f.name, "default": None, "help": f"{HELP[f.name]} (default: {shown})"}
+        if f.name in ("grad_ckpt", "verify_data"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.name in ("data", "val_data", "data_weights"):
+            p.add_argument(flag, nargs="+", type=float if f.name == "data_weights" else str,
+                           metavar="W" if f.name == "data_weights" else "PATH", **kw)
             continue
         if f.name == "packing":
             kw["choices"] = ["concat", "sentence"]
@@ -101,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_weights(data: list[str], weights: list[float] | None) -> None:
+    if weights is None:
+        return
+    if len(weights) != len(data):
+        raise ValueError(f"--data-weights has {len(weights)} values for {len(data)} --data sources: give one weight per source")
+    bad = [w for w in weights if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise ValueError(f"--data-weights must be positive numbers, got {bad[0]}")
+
+
 def parse_options(argv=None) -> tuple[RunOptions, set[str]]:
     """(options, names the user set explicitly): explicit flags may not contradict the ds_config."""
     ns = build_parser().parse_args(argv)
@@ -111,6 +133,7 @@ def parse_options(argv=None) -> tuple[RunOptions, set[str]]:
     for name in ("seq_len", "max_steps", "micro_batch", "grad_accum", "keep_last", "log_every", "max_bad_steps"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    check_weights(opts.data, opts.data_weights)
     if opts.resume not in ("auto", "none") and not opts.resume:
         raise ValueError("--resume must be auto, none or a checkpoint path")
     return opts, given

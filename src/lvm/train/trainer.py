@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from lvm.data.packing import DistributedLoader, PackedWindows
+from lvm.data.mixture import DistributedLoader
 from lvm.data.shards import ShardError
 from lvm.launch_env import export_torch_env, launch_env
 from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config
+from lvm.model.vocab import IGNORE_INDEX
 from lvm.train import checkpoint as ckpt
-from lvm.train.data_setup import describe, open_data
+from lvm.train.data_setup import build_windows, describe, open_data
 from lvm.train.ds_config import ConfigError, load_ds_config, resolve, zero_stage
 from lvm.train.metrics import MetricsLogger, device_memory_gib, device_peak_flops
 from lvm.train.options import RunOptions
@@ -64,6 +66,17 @@ def build_model(cfg, ds: dict, grad_ckpt: bool):
     return model, keepalive
 
 
+@torch.no_grad()
+def window_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL sum and target count of each window (float64), one window at a time (bounded memory)."""
+    sums, counts = [], []
+    for b in range(logits.shape[0]):
+        target = labels[b, 1:]
+        sums.append(F.cross_entropy(logits[b, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum"))
+        counts.append((target != IGNORE_INDEX).sum())
+    return torch.stack(sums).double(), torch.stack(counts).double()
+
+
 def shutdown(barrier: bool) -> None:
     """Leave the process group cleanly: a gloo/NCCL group left to interpreter exit can abort the process."""
     if dist.is_available() and dist.is_initialized():
@@ -93,9 +106,13 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         torch.cuda.set_device(device)
 
     # Everything that can be wrong with the inputs is checked before any compute.
-    train_table, val_table, tok_info = open_data(opts.data, opts.val_data)
+    t_data = time.perf_counter()
+    sources, tok_info = open_data(opts.data, opts.val_data, opts.verify_data, env.rank, env.world_size)
     cfg = llama_config(opts.model, opts.seq_len)
-    windows = PackedWindows(train_table, opts.seq_len, opts.packing, opts.seed)
+    windows = build_windows(sources, opts.seq_len, opts.packing, opts.seed, opts.data_weights)
+    t_data = time.perf_counter() - t_data
+    names = windows.names
+    val_sets = [(s.name, s.val) for s in sources if s.val is not None]
     ds_raw = load_ds_config(opts.ds_config)
     if opts.gpu_mem_gib is not None:
         from lvm.plan.planner import fill_from_plan
@@ -118,9 +135,13 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     log.console(f"model {opts.model}: {n_params / 1e6:.2f}M parameters; {cfg.num_hidden_layers} layers, hidden "
                 f"{cfg.hidden_size}; vocab {cfg.vocab_size}; seq {opts.seq_len}; ZeRO-{zero_stage(ds)}, {opts.precision}, "
                 f"world {env.world_size}, micro batch {opts.micro_batch} x accumulation {opts.grad_accum}")
-    log.console(f"train: {describe(train_table)}; {windows.per_epoch} windows/epoch ({opts.packing})")
-    if val_table is not None:
-        log.console(f"val: {describe(val_table)}")
+    log.console(f"data: {len(sources)} source{'s' if len(sources) > 1 else ''} opened in {t_data:.3f}s"
+                + (" (every token verified)" if opts.verify_data else " (counts from index.json / shard metadata)"))
+    for s, stream, w in zip(sources, windows.sources, windows.weights, strict=True):
+        share = f"weight {w:.4f}, " if len(sources) > 1 else ""
+        log.console(f"train {s.name} ({s.train_dir}): {describe(s.train)}; {share}{stream.per_epoch} windows/epoch ({opts.packing})")
+        if s.val is not None:
+            log.console(f"val {s.name} ({s.val_dir}): {describe(s.val)}")
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_json_file(str(run_dir / "model_config.json"))
@@ -165,28 +186,41 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         log.console(f"saved checkpoint {ckpt_dir / tag} ({reason})")
 
     def validate():
-        if val_table is None or opts.eval_every == 0:
+        if not val_sets or opts.eval_every == 0:
             return
-        r = evaluate(engine, val_table, opts.seq_len, opts.micro_batch, env.rank, env.world_size, opts.eval_max_sentences)
-        flat = {"loss": r["loss"], "perplexity": r["perplexity"], **{f"perplexity/{k}": v for k, v in r["perplexity_by_kind"].items()}}
+        r = evaluate(engine, val_sets, opts.seq_len, opts.micro_batch, env.rank, env.world_size, opts.eval_max_sentences)
+        flat = {"loss": r["loss"], "perplexity": r["perplexity"], **{f"perplexity/{k}": v for k, v in r["perplexity_by_kind"].items()},
+                **{f"loss/{k}": v for k, v in r["loss_by_source"].items()}}
         log.log(step, flat, prefix="val")
         kinds = " ".join(f"{k} {v:.1f}" for k, v in r["perplexity_by_kind"].items())
-        log.console(f"step {step} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} | {kinds}")
+        per_source = " | " + " ".join(f"{k} {v:.4f}" for k, v in r["loss_by_source"].items()) if len(val_sets) > 1 else ""
+        log.console(f"step {step} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} | {kinds}{per_source}")
 
     engine.train()
     # Losses stay on the device; the host syncs once per optimizer step, for one all-reduce that
     # carries the count of non-finite losses and the stop request, just before the update.
     win_loss = torch.zeros((), dtype=torch.float64, device=device)
     win_n = torch.zeros((), dtype=torch.float64, device=device)
+    # per source: NLL sums and target tokens of its windows (mixtures only: one extra CE per window)
+    src_nll = torch.zeros(len(names), dtype=torch.float64, device=device)
+    src_n = torch.zeros(len(names), dtype=torch.float64, device=device)
     while step < opts.max_steps:
         nonfinite = torch.zeros((), device=device)
         for micro in range(opts.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in loader.next_batch().model_inputs().items()}
-            loss = engine(**batch, use_cache=False).loss
+            b = loader.next_batch()
+            batch = {k: v.to(device, non_blocking=True) for k, v in b.model_inputs().items()}
+            out = engine(**batch, use_cache=False)
+            loss = out.loss
             ok = torch.isfinite(loss.detach())
             nonfinite += ~ok
             win_loss += torch.where(ok, loss.detach().double(), 0.0)
             win_n += ok
+            if len(names) > 1:
+                nll, cnt = window_nll(out.logits.detach(), batch["labels"])
+                src = b.sources.to(device)
+                src_nll.index_add_(0, src, torch.where(ok, nll, 0.0))
+                src_n.index_add_(0, src, torch.where(ok, cnt, 0.0))
+            del out
             engine.backward(torch.where(ok, loss, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0))
             if micro == opts.grad_accum - 1:
                 flags = torch.stack([nonfinite, torch.tensor(1.0 if stop.signal else 0.0, device=device)])
@@ -214,24 +248,37 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         if step % opts.log_every == 0 or step == opts.max_steps:
             dt = time.perf_counter() - t_last
             tps = tokens_per_step * steps_since / dt
-            sums = torch.stack([win_loss, win_n])
+            sums = torch.cat([torch.stack([win_loss, win_n]), src_nll, src_n])
             if dist.is_initialized():
                 dist.all_reduce(sums)
-            total, count = sums.tolist()
+            total, count, *rest = sums.tolist()
             loss_mean = total / count if count else None
+            if len(names) > 1:
+                by_source = {f"loss/{k}": a / c for k, a, c in zip(names, rest[: len(names)], rest[len(names) :], strict=True) if c}
+            else:
+                by_source = {f"loss/{names[0]}": loss_mean} if loss_mean is not None else {}
+            epochs = loader.epochs_by_source()
             gn = engine.get_global_grad_norm()
             m = {"loss": loss_mean, "lr": lr_at(step - 1, opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps),
                  "grad_norm": float(gn) if gn is not None else None, "tokens_per_s": tps,
                  "tflops_per_s": fpt * tps / 1e12, "mfu": fpt * tps / (peak * env.world_size) if peak else None,
-                 "memory_gib": device_memory_gib(), "skipped_steps": skipped_steps, "epoch": loader.epoch}
+                 "memory_gib": device_memory_gib(), "skipped_steps": skipped_steps,
+                 **({"epoch": loader.epoch} if len(names) == 1 else {f"epoch/{k}": v for k, v in epochs.items()}),
+                 **by_source, "tokens_by_source": loader.tokens_by_source()}
             log.log(step, {k: v for k, v in m.items() if v is not None})
             mfu = f" mfu {m['mfu']:.1%}" if m["mfu"] is not None else ""
             mem = f" mem {m['memory_gib']:.1f}GiB" if m["memory_gib"] is not None else ""
             shown = f"{loss_mean:.4f}" if loss_mean is not None else "n/a"
+            if len(names) == 1:
+                ep = f" epoch {loader.epoch:.2f}"
+            else:
+                ep = " | " + " ".join(f"{k} loss {m.get(f'loss/{k}', float('nan')):.4f} epoch {e:.2f}" for k, e in epochs.items())
             log.console(f"step {step}/{opts.max_steps} loss {shown} lr {m['lr']:.2e} gnorm {m['grad_norm'] or 0:.3f} "
-                        f"{tps:,.0f} tok/s{mfu}{mem} epoch {loader.epoch:.2f}")
+                        f"{tps:,.0f} tok/s{mfu}{mem}{ep}")
             win_loss.zero_()
             win_n.zero_()
+            src_nll.zero_()
+            src_n.zero_()
             t_last, steps_since = time.perf_counter(), 0
         if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps:
             validate()

@@ -1,0 +1,129 @@
+"""Opening shards reads counts, not tokens: index.json and per-shard metadata, checked cheaply; the
+older format (no metadata, no index) still reads; --verify-data reads every token."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lvm.data.packing import SourceWindows
+from lvm.data.shards import SCHEMA, ShardError, open_shards, read_recorded_stats, write_shard
+
+
+def rows_for(seed, n, kinds=("image", "video")):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = int(rng.integers(1, 4))
+        out.append({"tokens": rng.integers(0, 8192, 256 * k, dtype=np.uint16), "n_images": k, "kind": kinds[i % len(kinds)],
+                    "id": f"{seed}-{i}"})
+    return out
+
+
+def write_legacy(path, rows):
+    """A shard as written before counts were recorded: the same columns, no schema metadata."""
+    tokens = [r["tokens"] for r in rows]
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int32)
+    batch = pa.record_batch([pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(tokens))),
+                             pa.array([r["n_images"] for r in rows], pa.int32()), pa.array([r["kind"] for r in rows]),
+                             pa.array([r["id"] for r in rows])], schema=SCHEMA)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as w:
+        w.write_batch(batch)
+
+
+def write_index(out, files, fmt=2):
+    shards = []
+    for f in files:
+        rec = read_recorded_stats(f)
+        entry = {"path": f"train/{f.name}", "sentences": rec["sentences"], "images": rec["images"], "bytes": f.stat().st_size}
+        if fmt == 2:
+            entry.update(tokens=rec["tokens"], max_token=rec["max_token"], kinds=rec["kinds"])
+        shards.append(entry)
+    (out / "index.json").write_text(json.dumps({"format": f"lvm-shards/{fmt}", "shards": shards}))
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    train = tmp_path / "out" / "train"
+    for s in range(3):
+        write_shard(train / f"u-{s:05d}.arrow", rows_for(s, 5 + s))
+    return train
+
+
+def test_counts_come_from_the_index_or_metadata_without_reading_tokens(folder):
+    rec = read_recorded_stats(folder / "u-00000.arrow")
+    rows = rows_for(0, 5)
+    assert rec["sentences"] == 5 and rec["tokens"] == sum(len(r["tokens"]) for r in rows)
+    assert rec["max_token"] == max(int(r["tokens"].max()) for r in rows)
+    assert sum(rec["length_counts"].values()) == 5 and sum(rec["kinds"].values()) == 5
+    for fmt in (None, 1, 2):
+        if fmt:
+            write_index(folder.parent, sorted(folder.glob("*.arrow")), fmt)
+        shards = open_shards(folder)
+        assert not shards._open and shards.scanned == 0  # nothing memory-mapped yet
+        assert len(shards) == 5 + 6 + 7 and shards.kind_counts.sum() == 18
+        assert shards.lengths().tolist() == [len(r["tokens"]) for s in range(3) for r in rows_for(s, 5 + s)]
+        assert shards.ids.tolist()[:2] == ["0-0", "0-1"] and shards.kinds.tolist()[:2] == ["image", "video"]
+
+
+def test_index_mismatches_are_one_line_errors(folder):
+    files = sorted(folder.glob("*.arrow"))
+    write_index(folder.parent, files)
+    write_shard(files[1], rows_for(1, 4))  # rewritten after indexing: its size changed
+    with pytest.raises(ShardError, match="u-00001.arrow has .* bytes, .*index.json says"):
+        open_shards(folder)
+    write_index(folder.parent, files)
+    files[2].unlink()
+    with pytest.raises(ShardError, match="u-00002.arrow is listed in .*index.json but missing"):
+        open_shards(folder)
+
+
+def test_unlisted_shard_is_read_from_its_metadata_and_bad_ids_refused(folder):
+    write_index(folder.parent, sorted(folder.glob("*.arrow")))
+    write_shard(folder / "u-99999.arrow", [{"tokens": np.full(256, 9000, np.uint16), "n_images": 1, "kind": "image", "id": "bad"}])
+    with pytest.raises(ShardError, match="u-99999.arrow holds token id 9000"):
+        open_shards(folder)
+
+
+def test_older_shards_without_counts_give_the_same_windows(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    for s in range(3):
+        write_shard(new / f"u-{s}.arrow", rows_for(s, 6))
+        old.mkdir(exist_ok=True)
+        write_legacy(old / f"u-{s}.arrow", rows_for(s, 6))
+    assert read_recorded_stats(old / "u-0.arrow") is None
+    a, b = open_shards(new), open_shards(old)
+    assert b.scanned == 3 and a.scanned == 0
+    for mode in ("concat", "sentence"):
+        wa, wb = SourceWindows(a, 700, mode, 1), SourceWindows(b, 700, mode, 1)
+        assert wa.per_epoch == wb.per_epoch
+        for i in range(wa.per_epoch * 2):
+            assert all(np.array_equal(x, y) for x, y in zip(wa.window(i), wb.window(i), strict=True) if x is not None)
+    write_legacy(old / "u-9.arrow", [{"tokens": np.full(256, 8192, np.uint16), "n_images": 1, "kind": "image", "id": "x"}])
+    with pytest.raises(ShardError, match="u-9.arrow holds token id 8192"):
+        open_shards(old)
+
+
+def test_verify_data_reads_what_the_cheap_check_trusts(folder):
+    f = folder / "u-00001.arrow"
+    data = bytearray(f.read_bytes())
+    rows = rows_for(1, 6)
+    at = bytes(data).find(rows[2]["tokens"][:8].tobytes())
+    assert at > 0
+    data[at : at + 2] = np.array([8999], np.uint16).tobytes()  # same size, same recorded counts
+    f.write_bytes(bytes(data))
+    shards = open_shards(folder)  # counts are trusted
+    assert len(shards) == 18
+    with pytest.raises(ShardError, match="u-00001.arrow does not match its recorded counts: max_token 8999"):
+        open_shards(folder, verify=True)
+    open_shards(folder, verify=True, rank=0, world=2)  # rank 0 verifies shards 0 and 2 only
+    with pytest.raises(ShardError, match="u-00001.arrow"):
+        open_shards(folder, verify=True, rank=1, world=2)
+
+
+def test_truncated_shard_is_named(folder):
+    f = folder / "u-00002.arrow"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ShardError, match="u-00002.arrow"):
+        open_shards(folder)
