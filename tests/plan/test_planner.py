@@ -156,3 +156,52 @@ def test_fill_from_plan_respects_flags_and_json():
     tight.grad_ckpt = False
     ds = fill_from_plan(base, tight, 8, given={"gpu_mem_gib", "global_batch_tokens"}, device=torch.device("cuda"))
     assert tight.grad_ckpt is True and ds["zero_optimization"]["stage"] == 3
+
+
+def test_plot_optimizer_auto_and_gpu_terms_in_the_report(tmp_path):
+    """3b on one 48 GiB GPU: AdamW needs CPU offload, 8-bit AdamW does not, so auto picks it and says why."""
+    r = subprocess.run(PLAN + ["--model", "3b", "--gpu-mem-gib", "48", "--global-batch-tokens", str(4096 * 8), "--optimizer", "auto",
+                               "--packing", "sentence", "--attention", "sdpa", "--report", str(tmp_path / "r.json"),
+                               "--plot", str(tmp_path / "plan.png"), "--out", str(tmp_path / "ds.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["optimizer"] == "adamw8bit" and not rep["offload_optimizer"]
+    assert any("AdamW needs CPU offload" in x for x in rep["reasons"])
+    adamw = search(Request(model_shape("3b"), 1, 1, 48, None, 4096, 4096 * 8, optimizer="adamw", packing="sentence"))
+    assert adamw.setting.offload_optimizer
+    b = rep["per_gpu_bytes"]
+    assert b["attention_mask"] > 0 and b["cuda_context"] > 0 and b["cublas_workspace"] > 0 and b["fragmentation"] > 0
+    assert b["total"] == b["allocated"] + b["fragmentation"] + b["cuda_context"] + b["nccl"] <= 48 * GiB
+    assert json.loads((tmp_path / "ds.json").read_text())["optimizer"]["type"] == "AdamW8bit"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "plan.png")
+    assert img.shape[0] > 300 and img.shape[1] > 600
+
+
+def test_terms_follow_their_switches():
+    shape = model_shape("1b")
+    base = dict(cfg=shape, gpus_per_node=8, gpu_mem_gib=80, seq_len=4096, global_batch_tokens=4096 * 8 * 4)
+    sdpa = search(Request(**base, packing="sentence", attention="sdpa", fixed={"micro_batch": 2, "grad_ckpt": False}))
+    flash = search(Request(**base, packing="sentence", attention="flash_attention_2", fixed={"micro_batch": 2, "grad_ckpt": False}))
+    assert sdpa.memory.attention_mask >= 22 * 2 * 4096 * 4096 * 2 and flash.memory.attention_mask == 0
+    on = search(Request(**base, expandable_segments=True))
+    off = search(Request(**base, expandable_segments=False))
+    assert on.memory.fragmentation < off.memory.fragmentation / 4
+    one_gpu = search(Request(model_shape("300m"), 1, 1, 80, None, 4096, 4096 * 4))
+    assert one_gpu.memory.nccl == 0 and on.memory.nccl > 100 * 2**20
+    z3 = search(Request(**base, fixed={"zero_stage": 3}))
+    z3_release = search(Request(**base, fixed={"zero_stage": 3, "max_reuse_distance": 0}))
+    assert z3.memory.live_params > z3_release.memory.live_params  # 1b: the last ~500M parameters stay gathered
+    small = {o: search(Request(**base, optimizer=o, fixed={"zero_stage": 2, "micro_batch": 1})).memory.optimizer
+             for o in ("adamw", "adamw8bit", "sgd", "lion")}
+    assert small["adamw"] > small["sgd"] == small["lion"] > small["adamw8bit"]
+
+
+def test_plan_cli_errors_are_one_line(tmp_path):
+    for extra, msg in ((["--plot", str(tmp_path / "x.jpg")], "give a .png path"),
+                       (["--optimizer", "auto", "--micro-batch", "2"], "needs a concrete optimizer"),
+                       (["--micro-batch", "2", "--offload", "all"], "--offload all needs --zero-stage 3")):
+        r = subprocess.run(PLAN + ["--model", "300m", "--gpu-mem-gib", "80", *extra], capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -133,3 +133,7 @@ def test_optimizer_flag_and_ds_config_type():
     ds = resolve({}, opts, set(), 1, torch.device("cpu"))
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert ds["optimizer"]["params"]["torch_adam"] is True
+    opts = RunOptions(seq_len=64)
+    opts.optimizer = "auto"
+    with pytest.raises(ConfigError, match="auto needs --gpu-mem-gib"):
+        resolve({}, opts, {"optimizer"}, 1, torch.device("cpu"))

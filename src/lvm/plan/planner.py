@@ -453,7 +453,7 @@ def fill_from_plan(ds: dict, opts, world_size: int, given: set[str] | None = Non
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
     local = local if local > 0 and world_size % local == 0 else world_size
     try:
-        optimizer = optimizer_name(ds, opts, given)
+        optimizer = optimizer_name(ds, opts, given, allow_auto=True)
     except ConfigError as e:
         raise PlanError(str(e)) from None
     fixed = constraints_from(ds, opts, given)

@@ -131,9 +131,13 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
     return ds
 
 
-def optimizer_name(ds: dict, opts, given: set[str]) -> str:
-    """The optimizer of the run: --optimizer, or the ds_config's optimizer.type; a contradiction is an error."""
+def optimizer_name(ds: dict, opts, given: set[str], allow_auto: bool = False) -> str:
+    """The optimizer of the run: --optimizer, or the ds_config's optimizer.type; a contradiction is an error.
+    "auto" (the planner's choice) only where the planner runs (`allow_auto`)."""
     flag = getattr(opts, "optimizer", "adamw")  # RunOptions.optimizer (default adamw)
+    if flag not in optimizers.OPTIMIZERS and not (allow_auto and flag == "auto"):
+        raise ConfigError(f"--optimizer {flag}: choose one of {', '.join(optimizers.OPTIMIZERS)}"
+                          + (" (auto needs --gpu-mem-gib, whose plan chooses it)" if flag == "auto" else ""))
     section = ds.get("optimizer")
     typ = section.get("type", "auto") if isinstance(section, dict) else "auto"
     if typ in ("auto", None):
