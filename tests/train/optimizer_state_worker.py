@@ -35,6 +35,13 @@ def master_bytes(zero_opt) -> int:
     raise AssertionError(f"no fp32 master partition on {type(zero_opt).__name__}")
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """The trainer's two groups: weights with decay; norms and biases without (lvm.plan.memory.no_decay_params)."""
+    plain = [p for n, p in model.named_parameters() if "norm" in n or n.endswith(".bias")]
+    decay = [p for n, p in model.named_parameters() if not ("norm" in n or n.endswith(".bias"))]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def run_case(case: dict, rank: int, world: int) -> dict:
     import deepspeed
     from transformers import LlamaForCausalLM
@@ -43,7 +50,6 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     from lvm.train.ds_config import resolve
     from lvm.train.optimizers import make_optimizer
     from lvm.train.options import RunOptions
-    from lvm.train.trainer import param_groups
 
     torch.manual_seed(0)
     opts = RunOptions(model="tiny", seq_len=64, micro_batch=2, lr=1e-3, precision=case["precision"])
