@@ -257,7 +257,9 @@ class ShardSet:
         return s
 
     def length_counts(self, j: int) -> dict[int, int]:
-        """{token length: sentences} of shard j: recorded with the shard, else from its offsets."""
+        """{token length: sentences} of shard j: recorded with the shard, else from its offsets.
+
+        Not kept (a dict per shard would be the largest per-shard state): read again when needed."""
         lc = self._length_counts[j]
         if lc is None:
             rec = read_recorded_stats(self.files[j])
@@ -269,7 +271,6 @@ class ShardSet:
             if sum(lc.values()) != self.sentences[j]:
                 raise ShardError(f"shard {self.files[j]}: its recorded length counts sum to {sum(lc.values())} sentences, "
                                  f"not {self.sentences[j]}")
-            self._length_counts[j] = lc
         return lc
 
     # --- per sentence (evaluation, debugging) ------------------------------------------------
@@ -377,7 +378,7 @@ def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bo
             if k not in KIND_CODES:
                 raise ShardError(f"shard {f} has sentences of kind {k!r}, not one of {list(KINDS)}")
             kind_counts[j, KIND_CODES[k]] = int(c)
-        if "length_counts" in rec:
+        if "length_counts" in rec and rec is index.get(f.name):  # from the index: kept (else read on demand)
             length_counts[j] = {int(k): int(v) for k, v in rec["length_counts"].items()}
         if max_token[j] >= vocab_limit:
             raise ShardError(f"shard {f} holds token id {max_token[j]} >= codebook size {vocab_limit}: "
@@ -401,8 +402,8 @@ def verify_shard(shards: ShardSet, j: int) -> None:
     if diff:
         raise ShardError(f"shard {f} does not match its recorded counts: "
                          + ", ".join(f"{k} {a} in the file, {b} recorded" for k, (a, b) in diff.items()))
-    lc = shards._length_counts[j]
-    if lc is not None and {int(k): v for k, v in got["length_counts"].items()} != lc:
+    lc = shards.length_counts(j)
+    if {int(k): v for k, v in got["length_counts"].items()} != lc:
         raise ShardError(f"shard {f}: sentence lengths do not match its recorded length counts")
 
 

@@ -133,6 +133,8 @@ def parse_options(argv=None) -> tuple[RunOptions, set[str]]:
     for name in ("seq_len", "max_steps", "micro_batch", "grad_accum", "keep_last", "log_every", "max_bad_steps"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if opts.seed < 0:
+        raise ValueError("--seed must be >= 0")
     check_weights(opts.data, opts.data_weights)
     if opts.resume not in ("auto", "none") and not opts.resume:
         raise ValueError("--resume must be auto, none or a checkpoint path")
