@@ -567,6 +567,11 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
                                  f"at {IMAGE_SIZE}px")
             tok_info = tokenizer_info(tok, out, cfg)
             encode = Encoder(tok, device, cfg.batch_size)
+            if device.type == "cpu" and pool is not None:
+                # the decode workers have their cores: more intra-op threads here only oversubscribe them
+                import torch
+
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
         fit_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         if cfg.rank == 0 and not cfg.index_only:
