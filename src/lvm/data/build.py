@@ -555,6 +555,7 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
     t0 = time.perf_counter()
     pool = _pool(cfg) if not cfg.index_only and cfg.import_kind is None else None
     stats = {"units": 0, "shards": 0, "images": 0, "sentences": 0}
+    threads = None
     try:
         if cfg.import_kind is not None:
             tok, tok_info, encode = None, cfg.tokenizer_info, None
@@ -571,6 +572,7 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
                 # the decode workers have their cores: more intra-op threads here only oversubscribe them
                 import torch
 
+                threads = torch.get_num_threads()
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
         fit_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -594,6 +596,10 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
         if pool:
             pool.close()
             pool.join()
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
     elapsed = time.perf_counter() - t0
     report = write_index(out, units, tok_info) if cfg.rank == 0 or cfg.index_only else None
     return {"out": str(out), "report": report, "this_run": stats, "seconds": elapsed, "tokenizer_seconds": fit_seconds,
