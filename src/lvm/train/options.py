@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from lvm.model.presets import DEFAULT_SEQ_LEN, PRESETS
+from lvm.train.schedule import SCHEDULES
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "lion")
 
@@ -18,13 +20,17 @@ class RunOptions:
     val_data: list[str] | None = None
     verify_data: bool = False
     model: str = "tiny"
+    init_from: str | None = None
     seq_len: int = DEFAULT_SEQ_LEN
     output: str | None = None
     ds_config: str = "ds_configs/zero3.json"
     max_steps: int = 1000
     lr: float = 1.5e-4
     min_lr: float = 3e-5
-    warmup_steps: int = 8000
+    warmup_steps: int | None = None
+    lr_schedule: str = "cosine"
+    decay_steps: int | None = None
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -34,6 +40,7 @@ class RunOptions:
     grad_ckpt: bool = False
     precision: str = "auto"
     save_every: int = 500
+    save_every_minutes: float | None = None
     keep_last: int = 3
     eval_every: int = 500
     eval_max_sentences: int | None = None
@@ -45,7 +52,8 @@ class RunOptions:
     optimizer: str = "adamw"
 
     def run_dir(self) -> str:
-        return self.output or f"runs/{self.model.replace('/', '_')}-s{self.seq_len}"
+        name = Path(self.init_from).name if self.init_from else self.model.replace("/", "_")
+        return self.output or f"runs/{name}-s{self.seq_len}"
 
 
 HELP = {
@@ -55,13 +63,22 @@ HELP = {
     "val_data": "validation shards, one folder per --data source (default: SOURCE/val, or SOURCE/../val)",
     "verify_data": "read every token of every shard before training (default: check sizes and recorded counts only)",
     "model": f"preset ({', '.join(PRESETS)}) or a path to a LlamaConfig JSON",
+    "init_from": "start from this Hugging Face LlamaForCausalLM folder (e.g. LVM-7B): its config.json is the "
+                 "architecture (--model may be omitted), its weights the start; the optimizer starts fresh "
+                 "(default: none, random initialisation)",
     "seq_len": "tokens per training window",
     "output": "run folder (default runs/<model>-s<seq_len>): checkpoints/, tensorboard/, metrics.jsonl",
     "ds_config": "DeepSpeed JSON; values it leaves \"auto\" are filled from these flags",
     "max_steps": "optimizer steps to train",
     "lr": "peak learning rate (LVM: 1.5e-4)",
-    "min_lr": "learning rate at the end of the cosine decay (LVM: 3e-5)",
-    "warmup_steps": "linear warmup steps (LVM: 8000)",
+    "min_lr": "learning rate at the end of the decay (LVM: 3e-5)",
+    "warmup_steps": "linear warmup steps (default: LVM's 8000, at most a tenth of --decay-steps)",
+    "lr_schedule": "cosine (LVM), wsd (warmup, stable, then a linear decay over the last --decay-fraction of "
+                   "--decay-steps) or constant",
+    "decay_steps": "step at which the decay reaches --min-lr, then held (default: --max-steps when the run starts; "
+                   "saved with the checkpoints, so a larger --max-steps on resume does not stretch it; "
+                   "LVM: 288000 of 400000)",
+    "decay_fraction": "wsd: share of --decay-steps spent decaying",
     "weight_decay": "AdamW weight decay (not applied to norms)",
     "grad_clip": "gradient-norm clipping",
     "seed": "seed of the data order and the initialisation",
@@ -71,6 +88,7 @@ HELP = {
     "grad_ckpt": "activation (gradient) checkpointing",
     "precision": "auto (bf16 where supported, fp32 on CPU), bf16, fp16 (loss scaling) or fp32",
     "save_every": "checkpoint every N steps (and at the end)",
+    "save_every_minutes": "also checkpoint when this many minutes passed since the last checkpoint (default: off)",
     "keep_last": "checkpoints kept",
     "eval_every": "validation every N steps (and at the end); 0 disables",
     "eval_max_sentences": "cap on validation sentences (default: all)",
@@ -90,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--ds_config" if f.name == "ds_config" else "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        kw = {"dest": f.name, "default": None, "help": f"{HELP[f.name]} (default: {shown})"}
+        text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {shown})"  # shown once
+        kw = {"dest": f.name, "default": None, "help": text}
         if f.name in ("grad_ckpt", "verify_data"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -104,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = ["auto", "bf16", "fp16", "fp32"]
         if f.name == "optimizer":
             kw["choices"] = list(OPTIMIZERS)
+        if f.name == "lr_schedule":
+            kw["choices"] = list(SCHEDULES)
         typ = {"seq_len": int, "max_steps": int, "warmup_steps": int, "seed": int, "micro_batch": int,
                "grad_accum": int, "global_batch_tokens": int, "save_every": int, "keep_last": int,
                "eval_every": int, "eval_max_sentences": int, "log_every": int, "max_bad_steps": int,
-               "lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float, "gpu_mem_gib": float}.get(f.name, str)
+               "decay_steps": int, "decay_fraction": float,
+               "save_every_minutes": float, "lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float, "gpu_mem_gib": float}.get(f.name, str)
         p.add_argument(flag, type=typ, **kw)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p
@@ -135,6 +157,8 @@ def parse_options(argv=None) -> tuple[RunOptions, set[str]]:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if opts.seed < 0:
         raise ValueError("--seed must be >= 0")
+    if opts.save_every_minutes is not None and not opts.save_every_minutes > 0:
+        raise ValueError("--save-every-minutes must be > 0")
     check_weights(opts.data, opts.data_weights)
     if opts.resume not in ("auto", "none") and not opts.resume:
         raise ValueError("--resume must be auto, none or a checkpoint path")

@@ -6,10 +6,12 @@
   then a linear decay to `min_lr` at `decay_steps`, then `min_lr`.
 - `constant`: warmup, then the peak.
 
-`decay_steps` defaults to the run's `max_steps` when the run starts; it is then part of the run
-(saved with the checkpoints), so raising `--max-steps` on resume extends the run at its final
-learning rate instead of stretching the decay under the steps already taken. A schedule whose
-warmup does not end before its decay does is refused (`ScheduleError`), not run without decay.
+`decay_steps` defaults to the run's `max_steps` when the run starts, and the warmup to LVM's 8000
+steps capped at a tenth of the decay; the schedule is then part of the run (saved with every
+checkpoint), so raising `--max-steps` on resume extends the run at its final learning rate instead
+of stretching the decay under the steps already taken. A schedule whose warmup does not end before
+its decay does is refused (`ScheduleError`), not run without decay. The learning rate of optimizer
+step k is `lr_at(k)` whatever happened before it: a skipped update does not shift the schedule.
 """
 
 from __future__ import annotations
@@ -83,12 +85,62 @@ class Schedule:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        if self.kind == "constant":
+            return f"constant {self.peak:g} after {self.warmup} warmup steps"
+        shape = (f"stable until step {self.decay_start}, linear" if self.kind == "wsd" else "cosine")
+        return (f"{self.kind}: {self.warmup} warmup steps to {self.peak:g}, {shape} decay to {self.min_lr:g} "
+                f"at step {self.decay_steps}")
+
+
+LVM_WARMUP = 8000
+
+
+def default_warmup(decay_steps: int) -> int:
+    """LVM's 8000 warmup steps, at most a tenth of the decay (a 1000-step run warms up for 100)."""
+    return min(LVM_WARMUP, decay_steps // 10)
+
+
+def first_difference(a: Schedule, b: Schedule, steps: int) -> int | None:
+    """The first step < `steps` whose learning rate differs between `a` and `b` (None: they agree)."""
+    for k in range(steps):
+        x, y = a.lr_at(k), b.lr_at(k)
+        if abs(x - y) > 1e-12 * max(abs(x), abs(y), 1e-30):
+            return k
+    return None
+
+
+SCHEDULE_FLAGS = {"lr_schedule": "kind", "lr": "peak", "min_lr": "min_lr", "warmup_steps": "warmup",
+                  "decay_steps": "decay_steps", "decay_fraction": "decay_fraction"}
+
+
+def run_schedule(opts, given: set[str], saved: dict | None = None, step: int = 0) -> Schedule:
+    """The schedule of this run, from the flags of a new run or the one saved with the checkpoint.
+
+    A new run: `decay_steps` defaults to `--max-steps` and the warmup to `default_warmup`. A resumed
+    run keeps the saved schedule; flags given explicitly replace its fields only where the result
+    gives every step already taken (< `step`) the learning rate it had, so raising `--max-steps`, or
+    moving a WSD decay that has not started, is fine, and rewriting the past is an error.
+    """
+    if saved is None:
+        decay = opts.decay_steps if opts.decay_steps is not None else opts.max_steps
+        warmup = opts.warmup_steps if opts.warmup_steps is not None else default_warmup(decay)
+        return Schedule(opts.lr_schedule, opts.lr, opts.min_lr, warmup, decay, opts.decay_fraction).check()
+    old = Schedule(**saved)
+    changes = {field: getattr(opts, flag) for flag, field in SCHEDULE_FLAGS.items()
+               if flag in given and getattr(opts, flag) is not None and getattr(opts, flag) != getattr(old, field)}
+    if not changes:
+        return old
+    new = Schedule(**{**old.as_dict(), **changes}).check()
+    k = first_difference(old, new, step)
+    if k is not None:
+        flags = ", ".join(f"--{f.replace('_', '-')} {getattr(opts, f)}" for f, field in SCHEDULE_FLAGS.items() if field in changes)
+        raise ScheduleError(f"{flags} would change the learning rate of step {k + 1} (already taken at {old.lr_at(k):.3g}, "
+                            f"now {new.lr_at(k):.3g}): the checkpoint's schedule is {old.describe()}; drop the flag(s) "
+                            "to keep it, or start a new run")
+    return new
+
 
 def lr_at(step: int, peak: float, min_lr: float, warmup: int, max_steps: int) -> float:
     """Cosine schedule decaying at `max_steps` (kept for callers of the plain function)."""
     return Schedule("cosine", peak, min_lr, warmup, max(max_steps, 1)).lr_at(step)
-
-
-def lambda_schedule(peak: float, min_lr: float, warmup: int, max_steps: int):
-    """A multiplier for torch.optim.lr_scheduler.LambdaLR over an optimizer whose lr is `peak`."""
-    return Schedule("cosine", peak, min_lr, warmup, max(max_steps, 1)).multiplier()

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from lvm.data.mixture import DistributedLoader
 from lvm.data.shards import ShardError
 from lvm.launch_env import export_torch_env, launch_env
-from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config
+from lvm.model.presets import attention_implementation, count_parameters, flops_per_token
 from lvm.model.vocab import IGNORE_INDEX
+from lvm.train import bad_steps, elastic, init_from
 from lvm.train import checkpoint as ckpt
 from lvm.train.data_setup import build_windows, describe, open_data
-from lvm.train.ds_config import ConfigError, load_ds_config, resolve, zero_stage
+from lvm.train.ds_config import ConfigError, load_ds_config, zero_stage
 from lvm.train.metrics import MetricsLogger, device_memory_gib, device_peak_flops
 from lvm.train.options import RunOptions
-from lvm.train.schedule import lambda_schedule, lr_at
+from lvm.train.schedule import run_schedule
 from lvm.train.validation import evaluate
 
 USER_ERRORS = (ShardError, ConfigError, ckpt.CheckpointError, ValueError, FileNotFoundError)
@@ -100,6 +101,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
 
     env = launch_env()
     export_torch_env(env)
+    stop = StopRequest()  # from the start: SLURM's SIGTERM may come at any time
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -108,25 +110,26 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     # Everything that can be wrong with the inputs is checked before any compute.
     t_data = time.perf_counter()
     sources, tok_info = open_data(opts.data, opts.val_data, opts.verify_data, env.rank, env.world_size)
-    cfg = llama_config(opts.model, opts.seq_len)
     windows = build_windows(sources, opts.seq_len, opts.packing, opts.seed, opts.data_weights)
     t_data = time.perf_counter() - t_data
+    cfg = init_from.model_config(opts, given)  # --model, or the --init-from folder's architecture
     names = windows.names
     val_sets = [(s.name, s.val) for s in sources if s.val is not None]
+    run_dir = Path(opts.run_dir())
+    ckpt_dir = run_dir / "checkpoints"
+    resume = elastic.find_resume(opts.resume, ckpt_dir)  # from any world size (lvm.train.elastic)
+    given = elastic.keep_global_batch(opts, given, resume)
     ds_raw = load_ds_config(opts.ds_config)
     if opts.gpu_mem_gib is not None:
         from lvm.plan.planner import fill_from_plan
 
         ds_raw = fill_from_plan(ds_raw, opts, env.world_size)
-    ds = resolve(ds_raw, opts, given, env.world_size, device)
-    run_dir = Path(opts.run_dir())
-    ckpt_dir = run_dir / "checkpoints"
-    identity = {"world_size": env.world_size, "zero_stage": zero_stage(ds), "model": cfg.to_diff_dict(),
-                "seq_len": opts.seq_len, "packing": opts.packing, "micro_batch": opts.micro_batch}
+    ds = elastic.resolve_keeping_batch(ds_raw, opts, given, env.world_size, device, resume)
+    sched = run_schedule(opts, given, resume.schedule if resume else None, resume.step if resume else 0)
+    identity = {"zero_stage": zero_stage(ds), "model": cfg.to_diff_dict(), "seq_len": opts.seq_len, "packing": opts.packing}
     ckpt.check_run_identity(ckpt_dir, identity, write=False)
-    resume_from = ckpt.resolve_resume(opts.resume, ckpt_dir)
-    if resume_from and resume_from[0] != ckpt_dir:
-        ckpt.check_run_identity(resume_from[0], identity, write=False)
+    if resume and resume.ckpt_dir != ckpt_dir:
+        ckpt.check_run_identity(resume.ckpt_dir, identity, write=False)
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank0 = env.rank == 0
@@ -149,40 +152,46 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
         (run_dir / "tokenizer.json").write_text(json.dumps(tok_info, indent=2))
 
+    log.console(f"schedule {sched.describe()}")
+    where = elastic.prepare_load(resume, env.world_size, env.rank, ds)  # converted once if the world size changed
     torch.manual_seed(opts.seed)
     model, _keepalive = build_model(cfg, ds, opts.grad_ckpt)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, opts.weight_decay), config=ds,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda_schedule(opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps)))
+    if opts.init_from and resume is None:
+        n = init_from.load_weights(model, opts.init_from, env.rank)
+        log.console(f"initialised from {opts.init_from} ({n} tensors); optimizer and schedule start fresh")
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, opts.weight_decay), config=ds)
+    gate = bad_steps.UpdateGate(optimizer)  # a non-finite loss: engine.step() without an update
     loader = DistributedLoader(windows, opts.micro_batch, env.rank, env.world_size)
     step, skipped_steps = 0, 0
-    if resume_from:
-        path, client = engine.load_checkpoint(str(resume_from[0]), tag=resume_from[1])
-        if path is None:
-            raise ckpt.CheckpointError(f"could not load checkpoint {resume_from[0] / resume_from[1]}")
+    if resume:
+        client = elastic.load(engine, optimizer, where)
         loader.load_state_dict(client["loader"])
         ckpt.set_rng_state(client["rng"])
         step, skipped_steps = int(client["step"]), int(client.get("skipped_steps", 0))
-        log.console(f"resumed from {resume_from[0] / resume_from[1]} at step {step}")
+        log.console(elastic.describe(resume, step, env.world_size, opts, universal=where[1] != resume.tag))
     if rank0:
         ckpt.check_run_identity(ckpt_dir, identity, write=True)
 
-    stop = StopRequest()
     peak = device_peak_flops()
     fpt = flops_per_token(cfg, opts.seq_len)
     tokens_per_step = opts.micro_batch * opts.grad_accum * env.world_size * opts.seq_len
     bad_in_row, t_last, steps_since = 0, time.perf_counter(), 0
 
+    save_timer = ckpt.SaveTimer(opts.save_every_minutes)
+
     def save(reason: str):
         tag = ckpt.tag_for(step)
+        if rank0:  # before DeepSpeed's files: a tag that 'latest' names always has it
+            ckpt.write_run_state(ckpt_dir / tag, elastic.run_state(step, env.world_size, opts, ds, sched, skipped_steps))
         client = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": step, "skipped_steps": skipped_steps,
-                  "identity": identity, "options": asdict(opts)}
+                  "identity": identity, "options": asdict(opts), "schedule": sched.as_dict()}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
         if dist.is_initialized():
             dist.barrier()
         if rank0:
             ckpt.prune(ckpt_dir, opts.keep_last)
+        save_timer.saved()
         log.console(f"saved checkpoint {ckpt_dir / tag} ({reason})")
 
     def validate():
@@ -196,6 +205,13 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         per_source = " | " + " ".join(f"{k} {v:.4f}" for k, v in r["loss_by_source"].items()) if len(val_sets) > 1 else ""
         log.console(f"step {step} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} | {kinds}{per_source}")
 
+    early = torch.tensor(1.0 if stop.signal else 0.0, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(early, op=dist.ReduceOp.MAX)
+    if early.item():  # signalled while starting: nothing trained since the checkpoint, nothing to save
+        log.console("stopping on request before the first step; nothing new to save")
+        log.close()
+        return 0
     engine.train()
     # Losses stay on the device; the host syncs once per optimizer step, for one all-reduce that
     # carries the count of non-finite losses and the stop request, just before the update.
@@ -223,22 +239,25 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             del out
             engine.backward(torch.where(ok, loss, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0))
             if micro == opts.grad_accum - 1:
-                flags = torch.stack([nonfinite, torch.tensor(1.0 if stop.signal else 0.0, device=device)])
+                flags = torch.stack([nonfinite, torch.tensor(1.0 if stop.signal else 0.0, device=device),
+                                     torch.tensor(1.0 if save_timer.due() else 0.0, device=device)])
                 if dist.is_initialized():
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad_loss, stop_now = (bool(x) for x in flags.tolist())
-                if bad_loss:
-                    for g in optimizer.param_groups:
-                        g["lr"] = 0.0  # the update is skipped; the scheduler sets lr again next step
+                bad_loss, stop_now, save_due = (bool(x) for x in flags.tolist())
+                bad_steps.set_lr(optimizer, sched.lr_at(step))  # a function of the step number only
+                gate.closed = bad_loss  # no update, optimizer state untouched (lvm.train.bad_steps)
             engine.step()
+        gate.closed = False
         step += 1
         steps_since += 1
         # DeepSpeed itself skips (and clears) an update whose gradient norm is not finite
-        bad = bad_loss or not engine.was_step_applied()
-        if bad:
+        why = bad_steps.classify(bad_loss, engine.was_step_applied(), opts.precision)
+        if why == "overflow":
+            log.console(f"step {step}: fp16 loss scale overflow, update skipped (loss scale lowered)")
+        if why in ("loss", "grad"):
             skipped_steps += 1
             bad_in_row += 1
-            log.console(f"step {step}: non-finite loss or gradients, update skipped ({bad_in_row} in a row)")
+            log.console(f"step {step}: non-finite {why}, update skipped ({bad_in_row} in a row)")
             if bad_in_row >= opts.max_bad_steps:
                 log.close()
                 raise SystemExit(f"error: {bad_in_row} consecutive steps had a non-finite loss or gradient norm: lower --lr, "
@@ -259,7 +278,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
                 by_source = {f"loss/{names[0]}": loss_mean} if loss_mean is not None else {}
             epochs = loader.epochs_by_source()
             gn = engine.get_global_grad_norm()
-            m = {"loss": loss_mean, "lr": lr_at(step - 1, opts.lr, opts.min_lr, opts.warmup_steps, opts.max_steps),
+            m = {"loss": loss_mean, "lr": sched.lr_at(step - 1),
                  "grad_norm": float(gn) if gn is not None else None, "tokens_per_s": tps,
                  "tflops_per_s": fpt * tps / 1e12, "mfu": fpt * tps / (peak * env.world_size) if peak else None,
                  "memory_gib": device_memory_gib(), "skipped_steps": skipped_steps,
@@ -289,6 +308,8 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             return 0
         if step % opts.save_every == 0 and step < opts.max_steps:
             save("periodic")
+        elif save_due and step < opts.max_steps:
+            save(f"{opts.save_every_minutes:g} minutes since the last checkpoint")
     validate()
     save("end of training")
     log.close()
