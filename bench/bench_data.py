@@ -6,9 +6,12 @@ index.json and tokenizer.json as make_shards writes them), then for each size an
 - time to the first training step and peak RSS of one rank: `launch/pretrain.py` (tiny model,
   seq 4096, ZeRO-2, CPU) as its own process, timed from its start to its `step 1/` line, and the part
   of it spent opening the data (the run's own `data: ... opened in` line);
-- window fetch time (global windows at random, in a fresh process) and the loader's tokens/s
-  against what a training step consumes (the same run's step 3) and against 46k tokens/s (a 1B model
-  on one H100 at 4k context, DESIGN.md's anchor).
+- window fetch time in a fresh process: consecutive global windows from 4 random places of the run
+  (what a rank reads; mean and p99), and windows at random (no locality); the loader's tokens/s
+  (micro-batches of 8, no prefetch thread) against what a training step consumes (the same run's
+  step 3) and against 46k tokens/s (a 1B model on one H100 at 4k context, DESIGN.md's anchor).
+Every measurement starts with the shards dropped from the page cache (cold); each training run is
+repeated (--repeats, the minimum is shown: the machine may be shared).
 Goals (issue 11): from 100k to 10M sentences < 3 s and < 300 MB more; fetch < 1 ms at 10M; loader >= 100x a step.
 """
 
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,12 +67,24 @@ def write_corpus(out: Path, n: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
+def evict(data: Path) -> None:
+    """Drop the shards from the page cache: each measurement starts cold, as on a corpus larger than memory."""
+    for f in (data / "train").glob("*.arrow"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def first_step(data: Path, mode: str, run: Path, port: int) -> dict:
     """One rank of launch/pretrain.py: seconds to its first step, peak RSS, step-3 tokens/s."""
     cmd = [sys.executable, "launch/pretrain.py", "--data", str(data), "--output", str(run), "--model", "tiny",
            "--seq-len", str(SEQ), "--micro-batch", "1", "--max-steps", "3", "--log-every", "1", "--eval-every", "0",
            "--save-every", "1000", "--packing", mode, "--ds_config", "ds_configs/zero2.json", "--warmup-steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    shutil.rmtree(run, ignore_errors=True)
+    evict(data)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t_first, t_data, tail = None, None, []
@@ -97,24 +113,28 @@ sources, _ = open_data([sys.argv[1]])
 windows = build_windows(sources, {seq}, sys.argv[2], 0, None)
 t_open = time.perf_counter() - t0
 w = windows.sources[0]
-gs = np.random.default_rng(1).integers(0, 3 * w.per_epoch, 3000).tolist()
-for g in gs[:50]:
-    windows.window(g)
-times = []
-for g in gs:
-    t = time.perf_counter(); windows.window(g); times.append(time.perf_counter() - t)
+rng = np.random.default_rng(1)
+seq_times = []  # what a rank reads: consecutive global windows, from a few places in the run
+for start in rng.integers(0, 3 * w.per_epoch, 4).tolist():
+    for g in range(start, start + 500):
+        t = time.perf_counter(); windows.window(g); seq_times.append(time.perf_counter() - t)
+rand_times = []  # no locality at all: every window somewhere else
+for g in rng.integers(0, 3 * w.per_epoch, 500).tolist():
+    t = time.perf_counter(); windows.window(g); rand_times.append(time.perf_counter() - t)
 loader = DistributedLoader(windows, 8)
+loader.load_state_dict({{**loader.state_dict(), "windows_consumed": int(rng.integers(0, w.per_epoch))}})
 t = time.perf_counter()
 for _ in range(100):
     loader.next_batch()
 tps = 100 * 8 * {seq} / (time.perf_counter() - t)
-print(json.dumps({{"open_s": t_open, "per_epoch": w.per_epoch, "fetch_us": 1e6 * float(np.mean(times)),
-                  "fetch_p99_us": 1e6 * float(np.percentile(times, 99)), "loader_tps": tps,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print(json.dumps({{"open_s": t_open, "per_epoch": w.per_epoch, "fetch_us": 1e6 * float(np.mean(seq_times)),
+                  "fetch_p99_us": 1e6 * float(np.percentile(seq_times, 99)), "random_us": 1e6 * float(np.mean(rand_times)),
+                  "loader_tps": tps, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 
 def fetch(data: Path, mode: str) -> dict:
+    evict(data)
     r = subprocess.run([sys.executable, "-c", FETCH.format(seq=SEQ), str(data), mode], cwd=REPO, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
@@ -126,6 +146,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000], help="sentences per corpus")
     p.add_argument("--modes", nargs="+", default=["concat", "sentence"], choices=["concat", "sentence"])
+    p.add_argument("--repeats", type=int, default=3, help="training runs per size and mode (the minimum is shown)")
     p.add_argument("--tmp", default=None, help="folder for the synthetic shards (default: the system temp folder)")
     a = p.parse_args(argv)
     rows, got = [], {}
@@ -137,16 +158,19 @@ def main(argv=None) -> int:
             gb = sum(f.stat().st_size for f in (data / "train").glob("*.arrow")) / 1e9
             print(f"wrote {n:,} sentences ({gb:.2f} GB) in {secs:.1f}s", file=sys.stderr, flush=True)
             for mode in a.modes:
-                r = first_step(data, mode, Path(tmp) / f"run-{mode}", port)
+                runs = [first_step(data, mode, Path(tmp) / f"run-{mode}", port) for _ in range(a.repeats)]
+                r = {k: min(x[k] for x in runs) for k in ("first_step_s", "data_s", "peak_rss_mb")}
+                r["step_tps"] = max(x["step_tps"] for x in runs)
                 r.update(fetch(data, mode))
                 got[(n, mode)] = r
                 rows.append([f"{n:,}", mode, f"{r['first_step_s']:.2f}", f"{r['data_s']:.3f}", f"{r['peak_rss_mb']:,.0f}",
-                             f"{r['fetch_us']:.0f} / {r['fetch_p99_us']:.0f}", f"{r['loader_tps'] / 1e6:.1f}M",
+                             f"{r['fetch_us']:.0f} / {r['fetch_p99_us']:.0f}", f"{r['random_us']:.0f}",
+                             f"{r['loader_tps'] / 1e6:.1f}M",
                              f"{r['loader_tps'] / r['step_tps']:,.0f}x", f"{r['loader_tps'] / GPU_ANCHOR:,.0f}x"])
                 print(f"  {mode}: {r}", file=sys.stderr, flush=True)
     print_table("Training data at scale (one rank; tiny model, seq 4096, CPU)",
                 ["sentences", "packing", "to 1st step s", "of it data s", "peak RSS MB", "fetch us mean/p99",
-                 "loader tok/s", "vs CPU step", "vs 46k tok/s GPU"], rows)
+                 "random g us", "loader tok/s", "vs CPU step", "vs 46k tok/s GPU"], rows)
     lo, hi = min(a.sizes), max(a.sizes)
     if lo != hi:
         summary = []

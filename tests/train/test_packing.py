@@ -196,3 +196,16 @@ def test_ranks_read_disjoint_windows_and_resume_exactly(three_sources):
         other.load_state_dict(ranks[0].state_dict())
     with pytest.raises(ValueError, match="older loader"):
         other.load_state_dict({"windows_consumed": 4, "seq_len": 256, "mode": "concat", "seed": 0, "n_sentences": 3})
+
+
+def test_prefetching_changes_nothing_but_the_waiting(three_sources):
+    m = MixtureWindows(three_sources, ["a", "b", "c"], [0.5, 0.3, 0.2])
+    plain, ahead = DistributedLoader(m, 3, 1, 2), DistributedLoader(m, 3, 1, 2, prefetch=3)
+    for k in range(12):
+        if k == 6:  # a resume in the middle: what was fetched ahead is dropped
+            for loader in (plain, ahead):
+                loader.load_state_dict({**loader.state_dict(), "windows_consumed": 66})
+        a, b = plain.next_batch(), ahead.next_batch()
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.sources, b.sources)
+        assert plain.windows_consumed == ahead.windows_consumed
+    ahead.close()

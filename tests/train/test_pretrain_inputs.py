@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lvm.data.shards import write_shard
+from lvm.data.shards import read_shard, write_shard
 from tests.train.conftest import base_args, run_train
 
 
@@ -64,8 +64,10 @@ def test_flag_contradicting_ds_config(train_shards, tmp_path):
 
 def test_checkpoints_of_another_run_shape_are_refused(train_shards, tmp_path):
     run = tmp_path / "r"
-    run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "1", "--save-every", "1"))
-    err = one_line_error(run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero3.json", "--max-steps", "2"), check=False))
+    run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "1", "--save-every", "1",
+                           "--warmup-steps", "0"))
+    err = one_line_error(run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero3.json", "--max-steps", "2",
+                                                 "--warmup-steps", "0"), check=False))
     assert "zero_stage" in err
 
 
@@ -101,3 +103,15 @@ def test_mixture_inputs_are_checked_before_compute(train_shards, second_source, 
         r = run_train(1, base_args(data, tmp_path / "r", *extra), check=False)
         assert want in one_line_error(r)
         assert not (tmp_path / "r").exists()  # stopped before anything was written
+
+
+def test_verify_data_reads_every_token(second_source, tmp_path):
+    src = tmp_path / "laion"
+    shutil.copytree(second_source, src)
+    f = sorted((src / "train").glob("*.arrow"))[1]
+    first = read_shard(f).column("tokens")[0].values.to_numpy()[:8].tobytes()
+    data = f.read_bytes()
+    at = data.find(first)
+    f.write_bytes(data[:at] + np.array([8500], np.uint16).tobytes() + data[at + 2 :])  # same size, counts as recorded
+    err = one_line_error(run_train(1, base_args(src, tmp_path / "r", "--verify-data"), check=False))
+    assert f.name in err and "max_token 8500" in err

@@ -17,6 +17,9 @@ the same global batch.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -99,26 +102,68 @@ class MixtureWindows:
 
 
 class DistributedLoader:
-    """Micro-batches of windows for one data-parallel rank; state = windows consumed globally."""
+    """Micro-batches of windows for one data-parallel rank; state = windows consumed globally.
 
-    def __init__(self, windows: MixtureWindows | SourceWindows, micro_batch: int, rank: int = 0, world_size: int = 1):
+    With prefetch=k a background thread assembles this rank's next k micro-batches while the current
+    one trains (the order is known in advance, so prefetching changes nothing but the waiting); with
+    pin=True (CUDA) it also pins them, so `.to(device, non_blocking=True)` copies asynchronously.
+    """
+
+    def __init__(self, windows: MixtureWindows | SourceWindows, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 prefetch: int = 0, pin: bool = False):
         if isinstance(windows, SourceWindows):
             windows = MixtureWindows([windows])
         self.windows, self.micro_batch, self.rank, self.world_size = windows, micro_batch, rank, world_size
         self.windows_consumed = 0
+        self.prefetch, self.pin = prefetch, pin
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: deque = deque()  # (first global window, future of its Batch), in order
 
     def indices(self) -> list[int]:
         """Global windows this rank reads in its next micro-batch."""
         first = self.windows_consumed + self.rank * self.micro_batch
         return list(range(first, first + self.micro_batch))
 
-    def next_batch(self) -> Batch:
-        parts = [self.windows.window(g) for g in self.indices()]
-        self.windows_consumed += self.world_size * self.micro_batch
+    def _make(self, first: int) -> Batch:
+        parts = [self.windows.window(g) for g in range(first, first + self.micro_batch)]
         ids = torch.from_numpy(np.stack([p[0] for p in parts]))
         labels = torch.from_numpy(np.stack([p[1] for p in parts]))
         pos = torch.from_numpy(np.stack([p[2] for p in parts])) if parts[0][2] is not None else None
-        return Batch(ids, labels, pos, torch.tensor([p[3] for p in parts], dtype=torch.long))
+        batch = Batch(ids, labels, pos, torch.tensor([p[3] for p in parts], dtype=torch.long))
+        if self.pin:  # CUDA only: page-locked host memory for asynchronous copies
+            batch = Batch(*(t.pin_memory() if t is not None else None
+                            for t in (batch.input_ids, batch.labels, batch.position_ids)), batch.sources)
+        return batch
+
+    def next_batch(self) -> Batch:
+        first = self.windows_consumed + self.rank * self.micro_batch
+        stride = self.world_size * self.micro_batch
+        if self.prefetch > 0:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="lvm-loader")
+            while len(self._ahead) <= self.prefetch:
+                nxt = self._ahead[-1][0] + stride if self._ahead else first
+                self._ahead.append((nxt, self._pool.submit(self._make, nxt)))
+            at, future = self._ahead.popleft()
+            assert at == first, (at, first)
+            batch = future.result()
+        else:
+            batch = self._make(first)
+        self.windows_consumed += stride
+        return batch
+
+    def _drop_ahead(self) -> None:
+        for _, future in self._ahead:
+            future.cancel()
+            if not future.cancelled():
+                future.exception()  # wait for it; an error there concerns windows nobody will read
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def windows_by_source(self) -> np.ndarray:
         return self.windows.schedule.drawn(self.windows_consumed)
@@ -150,4 +195,5 @@ class DistributedLoader:
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise ValueError("cannot resume the data stream: " + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
+        self._drop_ahead()
         self.windows_consumed = int(state["windows_consumed"])

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from lvm.data.shards import ShardError, ShardSet
+from lvm.data.shards import READ_THREADS, ShardError, ShardSet
 from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 
 PACKING_MODES = ("concat", "sentence")
@@ -163,6 +165,12 @@ def bin_types(length_counts: dict[int, int], capacity: int) -> tuple[list[int], 
     return lens, [comp for (_, comp), _ in types], [n for _, n in types]
 
 
+@lru_cache(maxsize=4096)
+def n_bins(length_counts: tuple[tuple[int, int], ...], capacity: int) -> int:
+    """Windows best-fit packing makes of these (length, count) pairs (shards alike share the answer)."""
+    return sum(bin_types(dict(length_counts), capacity)[2])
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -212,7 +220,9 @@ class SourceWindows:
                 raise ValueError(f"{shards.folder}: the data holds {total} tokens, fewer than one window of {seq_len}")
             span = CHUNK_SHARDS
         else:
-            self.unit = np.array([sum(bin_types(self._stream_counts(j), seq_len)[2]) for j in range(S)], np.int64)
+            with ThreadPoolExecutor(READ_THREADS) as pool:  # per-shard counts: file headers, I/O bound
+                counts = list(pool.map(self._stream_counts, range(S)))
+            self.unit = np.array([n_bins(tuple(sorted(c.items())), seq_len) for c in counts], np.int64)
             self.per_epoch = int(self.unit.sum())
             span = max(1, LAYOUT_SENTENCES // max(1, int(shards.sentences.max())))
         self.span = max(1, min(span, CHUNK_SHARDS, S))

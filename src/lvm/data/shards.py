@@ -24,8 +24,10 @@ vectorised pass over it. `verify=True` (`--verify-data`) checks every token of e
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,7 @@ SPLITS = ("train", "val")
 STATS_KEY = b"lvm.stats"
 KIND_CODES = {k: i for i, k in enumerate(KINDS)}
 OPEN_SHARDS = 32  # memory-mapped shards kept open per ShardSet (least recently used are closed)
+READ_THREADS = 16  # threads reading per-shard sizes and headers at start-up
 
 
 class ShardError(Exception):
@@ -132,17 +135,39 @@ def read_recorded_stats(path: Path) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-class Shard:
-    """One memory-mapped shard: flat token buffer and offsets as zero-copy numpy views."""
+def _map(path: Path) -> tuple[mmap.mmap, pa.Table]:
+    """Memory-map a shard with Python's mmap (so the token pages can be advised) and read it zero-copy."""
+    try:
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        table = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mm))).read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as e:
+        raise ShardError(f"corrupt or unreadable shard {path}: {e}") from None
+    if not table.schema.equals(SCHEMA):
+        raise ShardError(f"shard {path} has schema {table.schema.names}, expected {SCHEMA.names}")
+    return mm, table
 
-    def __init__(self, path: Path):
+
+class Shard:
+    """One memory-mapped shard: flat token buffer and offsets as zero-copy numpy views.
+
+    With random_access (training), the token pages are advised MADV_RANDOM: a window reads a few KB at
+    a random place, and the kernel's readahead (often MBs) would read, and map into the process, far
+    more than that. Unmapped when the last reference to it goes."""
+
+    def __init__(self, path: Path, random_access: bool = True):
         self.path = path
-        table = read_shard(path)
+        mm, table = _map(path)
         col = table.column("tokens")
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         self.table = table
         self.offsets = arr.offsets.to_numpy() if len(arr) else np.zeros(1, np.int32)
         self.values = arr.values.to_numpy(zero_copy_only=False) if len(arr) else np.zeros(0, np.uint16)
+        if random_access and self.values.nbytes and hasattr(mmap, "MADV_RANDOM"):
+            start = arr.values.buffers()[1].address + arr.values.offset * 2 - pa.py_buffer(mm).address
+            if 0 <= start < len(mm):  # the values live in the mapping (not a copy of combined chunks)
+                lo = start - start % mmap.PAGESIZE
+                mm.madvise(mmap.MADV_RANDOM, lo, min(len(mm), start + self.values.nbytes) - lo)
         self.cache: dict = {}  # arrays derived from this shard (dropped with it)
 
     def __len__(self) -> int:
@@ -328,7 +353,7 @@ class ShardSet:
                 f"({json.dumps(kinds, sort_keys=True)})")
 
 
-def _recorded(path: Path, entry: dict | None) -> tuple[dict | None, str]:
+def _recorded(path: Path, entry: dict | None) -> dict | None:
     """Counts of a shard without reading its tokens: from index.json (size checked) or its metadata."""
     try:
         size = path.stat().st_size
@@ -339,11 +364,11 @@ def _recorded(path: Path, entry: dict | None) -> tuple[dict | None, str]:
             raise ShardError(f"shard {path} has {size} bytes, {entry['_index']} says {entry['bytes']}: it changed after it "
                              "was indexed or was cut short (run make_shards again)")
         if all(k in entry for k in ("sentences", "tokens", "max_token")):
-            return entry, "index"
+            return entry
     rec = read_recorded_stats(path)
     if rec is not None and entry is not None and int(entry.get("sentences", rec["sentences"])) != rec["sentences"]:
         raise ShardError(f"shard {path} records {rec['sentences']} sentences, {entry['_index']} says {entry['sentences']}")
-    return rec, "metadata"
+    return rec
 
 
 def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bool = False,
@@ -366,10 +391,11 @@ def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bo
     kind_counts = np.zeros((n, len(KINDS)), np.int64)
     length_counts: list = [None] * n
     scanned = 0
-    for j, f in enumerate(files):
-        rec, _ = _recorded(f, index.get(f.name))
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # sizes and headers of many files: I/O bound
+        recorded = list(pool.map(lambda f: _recorded(f, index.get(f.name)), files))
+    for j, (f, rec) in enumerate(zip(files, recorded, strict=True)):
         if rec is None:  # a shard written before counts were recorded: one pass over it
-            rec = Shard(f).scan()
+            rec = Shard(f, random_access=False).scan()
             scanned += 1
         sentences[j], images[j] = int(rec["sentences"]), int(rec.get("images", 0))
         tokens[j] = int(rec["tokens"]) if "tokens" in rec else images[j] * TOKENS_PER_IMAGE
@@ -395,7 +421,7 @@ def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bo
 def verify_shard(shards: ShardSet, j: int) -> None:
     """Every token of shard j against its recorded counts (`--verify-data`)."""
     f = shards.files[j]
-    got = Shard(f).scan()
+    got = Shard(f, random_access=False).scan()
     want = {"sentences": int(shards.sentences[j]), "tokens": int(shards.tokens[j]), "images": int(shards.images[j]),
             "max_token": int(shards.max_token[j])}
     diff = {k: (got[k], v) for k, v in want.items() if got[k] != v}

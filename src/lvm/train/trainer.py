@@ -162,7 +162,8 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, opts.weight_decay), config=ds)
     gate = bad_steps.UpdateGate(optimizer)  # a non-finite loss: engine.step() without an update
-    loader = DistributedLoader(windows, opts.micro_batch, env.rank, env.world_size)
+    # the next micro-batches are assembled (and pinned, on CUDA) by a background thread while this one trains
+    loader = DistributedLoader(windows, opts.micro_batch, env.rank, env.world_size, prefetch=2, pin=cuda)
     step, skipped_steps = 0, 0
     if resume:
         client = elastic.load(engine, optimizer, where)
