@@ -130,7 +130,7 @@ def run_schedule(opts, given: set[str], saved: dict | None = None, step: int = 0
     changes = {field: getattr(opts, flag) for flag, field in SCHEDULE_FLAGS.items()
                if flag in given and getattr(opts, flag) is not None and getattr(opts, flag) != getattr(old, field)}
     if not changes:
-        return old
+        return old.check()
     new = Schedule(**{**old.as_dict(), **changes}).check()
     k = first_difference(old, new, step)
     if k is not None:
