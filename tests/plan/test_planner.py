@@ -69,16 +69,29 @@ def test_given_configuration_is_evaluated(tmp_path):
 
 
 def test_pretrain_accepts_a_planned_config(train_shards, tmp_path):
-    from tests.train.conftest import base_args, run_train
+    from tests.train.conftest import base_args
 
     shape = model_shape("tiny")
     plan = search(Request(shape, 1, 1, 2, None, 256, 256 * 2))
     (tmp_path / "ds.json").write_text(json.dumps(ds_config(plan)))
-    args = base_args(train_shards, tmp_path / "run", "--ds_config", str(tmp_path / "ds.json"), "--max-steps", "2")
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", str(tmp_path / "ds.json"), "--max-steps", "3")
     args.remove("--micro-batch")
     args.remove("2")
     r = run_train(1, args)
     assert f"micro batch {plan.setting.micro_batch} x accumulation {plan.grad_accum}" in r.stdout
+
+
+def run_train(nproc: int, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """One pretrain.py process on a free port (the default 29500 may be taken by another run on this machine)."""
+    from tests.train.conftest import ENV, train_cmd
+    from tests.train.conftest import free_port as port
+
+    assert nproc == 1
+    r = subprocess.run(train_cmd(1, args), capture_output=True, text=True, env={**ENV, "MASTER_PORT": str(port())}, cwd=REPO,
+                       timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
 
 
 def auto_ds_config(path: Path, **zero) -> str:
@@ -91,12 +104,12 @@ def auto_ds_config(path: Path, **zero) -> str:
 
 def test_pretrain_applies_the_whole_plan(train_shards, tmp_path):
     """--gpu-mem-gib sets ZeRO stage, buckets, micro-batch, accumulation and checkpointing, and the run trains with them."""
-    from tests.train.conftest import base_args, run_train
+    from tests.train.conftest import base_args
 
     cfg_path = auto_ds_config(tmp_path / "ds.json", stage=3)
     req = Request(model_shape("tiny"), 1, 1, 1.0, None, 256, 256 * 4, "fp32", fixed={"zero_stage": 3})
     plan = search(req)
-    args = base_args(train_shards, tmp_path / "run", "--ds_config", cfg_path, "--max-steps", "1",
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", cfg_path, "--max-steps", "3",
                      "--gpu-mem-gib", "1", "--global-batch-tokens", str(256 * 4))
     args.remove("--micro-batch")
     args.remove("2")
@@ -112,10 +125,10 @@ def test_pretrain_applies_the_whole_plan(train_shards, tmp_path):
 
 
 def test_pretrain_plans_within_what_the_ds_config_fixes(train_shards, tmp_path):
-    from tests.train.conftest import base_args, run_train
+    from tests.train.conftest import base_args
 
     cfg_path = auto_ds_config(tmp_path / "ds.json", stage=2)
-    args = base_args(train_shards, tmp_path / "run", "--ds_config", cfg_path, "--max-steps", "1",
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", cfg_path, "--max-steps", "3",
                      "--gpu-mem-gib", "2", "--global-batch-tokens", str(256 * 4))
     args.remove("--micro-batch")
     args.remove("2")
@@ -127,9 +140,9 @@ def test_pretrain_plans_within_what_the_ds_config_fixes(train_shards, tmp_path):
 
 def test_pretrain_refuses_a_ds_config_that_contradicts_the_plan(train_shards, tmp_path):
     """ds_configs/zero2.json fixes 200M-element buckets: 2.2 GiB of fp32 buckets cannot fit a 2 GiB budget."""
-    from tests.train.conftest import base_args, run_train
+    from tests.train.conftest import base_args
 
-    args = base_args(train_shards, tmp_path / "run", "--ds_config", "ds_configs/zero2.json", "--max-steps", "1",
+    args = base_args(train_shards, tmp_path / "run", "--ds_config", "ds_configs/zero2.json", "--max-steps", "3",
                      "--gpu-mem-gib", "2", "--global-batch-tokens", str(256 * 4))
     r = run_train(1, args, check=False)
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
