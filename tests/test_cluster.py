@@ -1,9 +1,12 @@
 """Cluster launch on one machine: two simulated nodes via torchrun, SLURM variables by hand, scripts."""
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -34,7 +37,8 @@ def test_torchrun_two_nodes(train_shards, tmp_path):
 def test_srun_style_slurm_variables(train_shards, tmp_path):
     run = tmp_path / "run"
     port = str(free_port())
-    args = base_args(train_shards, run, "--ds_config", "ds_configs/zero3.json", "--max-steps", "2", "--save-every", "2")
+    args = base_args(train_shards, run, "--ds_config", "ds_configs/zero3.json", "--max-steps", "2", "--save-every", "2",
+                     "--warmup-steps", "1")
     clean = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     cmds = [([sys.executable, PRETRAIN, *args],
              {**clean, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
@@ -81,3 +85,82 @@ def test_scripts_parse(script):
     if shutil.which("shellcheck"):
         r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+
+
+# Stand-ins for SLURM's commands on a machine without SLURM: `srun` runs its one task here (options
+# dropped), `scontrol` names this host and records a requeue. The batch script itself runs unchanged.
+SRUN = """#!/usr/bin/env bash
+while [[ $# -gt 0 && $1 == --* ]]; do shift; done
+exec "$@"
+"""
+SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) echo localhost ;;
+  requeue) echo "$2" >> "$REQUEUED" ;;
+esac
+"""
+
+
+def slurm_job(tmp_path, args):
+    """Start launch/slurm/pretrain.sbatch as SLURM would run the batch script of job 4242 (one task)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    submit = tmp_path / "submit"  # the job's working directory (logs/ goes there)
+    submit.mkdir()
+    (submit / "launch").symlink_to(REPO / "launch")
+    clean = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env = {**clean, "PATH": f"{bin_dir}:{ENV['PATH']}", "VENV": str(REPO / ".venv"), "REQUEUED": str(tmp_path / "requeued"),
+           "SLURM_SUBMIT_DIR": str(submit), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "MASTER_PORT": str(free_port())}
+    return subprocess.Popen(["bash", str(REPO / "launch" / "slurm" / "pretrain.sbatch"), *args], cwd=submit, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_steps(run, n, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = run / "metrics.jsonl"
+        if f.is_file() and sum('"train"' in x for x in f.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps in {timeout}s")
+
+
+@pytest.mark.parametrize("how", ["time-limit", "pre-emption"])
+def test_sbatch_sigterm_checkpoints_exits_0_and_requeues(train_shards, tmp_path, how):
+    """time-limit: --signal=B:TERM reaches the batch script only, which forwards it; pre-emption: SLURM
+    signals the script and every task at once. Either way: one checkpoint, exit 0, the job requeued."""
+    run = tmp_path / "run"
+    args = base_args(train_shards, run, "--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--max-steps", "400",
+                     "--save-every", "1000")
+    proc = slurm_job(tmp_path, args)
+    wait_for_steps(run, 2, proc)
+    if how == "time-limit":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping on request" in out and "requeueing job 4242" in out
+    assert (tmp_path / "requeued").read_text() == "4242\n"
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((run / "checkpoints" / tag / "run_state.json").read_text())
+    assert 2 <= state["step"] < 400 and f"saved checkpoint {run / 'checkpoints' / tag} (signal SIGTERM)" in out
+
+
+def test_save_every_minutes(train_shards, tmp_path):
+    run = tmp_path / "run"
+    env = {**ENV, "MASTER_PORT": str(free_port())}
+    r = subprocess.run([sys.executable, PRETRAIN, *base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json",
+                                                             "--max-steps", "40", "--save-every", "1000", "--keep-last", "100",
+                                                             "--save-every-minutes", "0.01")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    timed = [x for x in r.stdout.splitlines() if "(0.01 minutes since the last checkpoint)" in x]
+    tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert timed and len(tags) == len(timed) + 1 and tags[-1] == "step_00000040"  # + the one at the end

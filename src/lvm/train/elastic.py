@@ -102,7 +102,11 @@ def run_state(step: int, world_size: int, opts, ds: dict, schedule, skipped_step
 
 
 def needs_conversion(resume: Resume | None, world_size: int) -> bool:
-    return resume is not None and resume.world_size is not None and resume.world_size != world_size
+    """The world size changed and the tag has partitioned optimizer states (ZeRO >= 1, or DeepSpeed's bf16
+    optimizer); a ZeRO-0 fp32 checkpoint holds whole states and loads on any world size as it is."""
+    if resume is None or resume.world_size is None or resume.world_size == world_size:
+        return False
+    return any((resume.ckpt_dir / resume.tag).glob("*optim_states.pt"))
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
