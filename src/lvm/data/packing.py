@@ -21,9 +21,13 @@ directly (no pass over earlier windows), so a resumed run is exact and resuming 
    permuted before they are assigned to bins (seeded by epoch and shard). So a window holds sentences
    drawn at random from one block (`concat`: ~8k sentences, the size of a make_shards shard) or one
    shard (`sentence`), never a run of neighbours as they were written.
-3. Read order: the epoch's windows are cut into chunks spanning about `CHUNK_SHARDS` shards, and each
+3. Read order: the epoch's windows are cut into chunks spanning about `CHUNK_SHARDS` = 16 shards
+   (`sentence` mode with very large shards: fewer, at most `LAYOUT_SENTENCES` sentences in all), and each
    chunk is read in a keyed pseudo-random order (a Feistel permutation). Consecutive windows, hence the
-   windows of one global batch, come from different shards of the chunk, at random places in them.
+   windows of one global batch, come from different shards of the chunk, at random places in them: with
+   shards of equal size, two consecutive windows share a shard with probability ~1/16, and a batch of
+   32 windows draws from ~14 different shards (16 (1 - (15/16)^32)). Without this order they would
+   share it ~always (a make_shards shard of 8k single images fills ~500 windows of 4096).
 
 What it does not do: a global shuffle. Two sentences in different chunks of an epoch (far apart in
 the epoch's shard order) are never in the same batch of that epoch; the shard permutation changes
@@ -72,7 +76,7 @@ def feistel(i: int, n: int, key: int, rounds: int = 4) -> int:
     if not 0 <= i < n:
         raise IndexError(f"{i} outside range({n})")
     if n <= 2:
-        return i if n == 1 or key & 1 == 0 else 1 - i
+        return i if n == 1 or (key & 1) == 0 else 1 - i
     half = ((n - 1).bit_length() + 1) // 2
     mask = (1 << half) - 1
     x = i

@@ -290,8 +290,8 @@ class ShardSet:
             rec = read_recorded_stats(self.files[j])
             if rec is not None and "length_counts" in rec:
                 lc = {int(k): int(v) for k, v in rec["length_counts"].items()}
-            else:
-                uniq, counts = np.unique(self.shard(j).lengths(), return_counts=True)
+            else:  # an older shard: from its offsets (a Shard of its own: this may run in a reader thread)
+                uniq, counts = np.unique(Shard(self.files[j], random_access=False).lengths(), return_counts=True)
                 lc = {int(u): int(c) for u, c in zip(uniq, counts, strict=True)}
             if sum(lc.values()) != self.sentences[j]:
                 raise ShardError(f"shard {self.files[j]}: its recorded length counts sum to {sum(lc.values())} sentences, "
