@@ -72,15 +72,19 @@ def model_shape(model: str) -> ModelShape:
                       bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False)), d.get("head_dim"))
 
 
-def attention_implementation() -> str:
-    """flash_attention_2 when installed and on GPU, else PyTorch SDPA (flash kernels on GPU)."""
-    import importlib.util
-
+def attention_implementation(requested: str = "auto", device=None, dtype=None) -> str:
+    """The attention implementation to build a model with (`lvm.model.attention.resolve_attention`):
+    flash_attention_2 where it can run, else PyTorch SDPA. Without a device: this machine's first GPU in
+    bf16, or the CPU."""
     import torch
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    from lvm.model.attention import resolve_attention
+
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return resolve_attention(requested, torch.device(device), dtype)[0]
 
 
 def llama_config(model: str, seq_len: int = DEFAULT_SEQ_LEN) -> LlamaConfig:
@@ -115,6 +119,21 @@ def count_parameters(cfg) -> int:
     return n * per_layer + embed + h
 
 
+def matmul_parameters(cfg) -> int:
+    """Parameters that take part in a matrix product per token: all but the input embedding, which is a
+    lookup (with tied embeddings the one matrix is also the output head, a product, and counts)."""
+    n = count_parameters(cfg)
+    return n if cfg.tie_word_embeddings else n - cfg.vocab_size * cfg.hidden_size
+
+
+def attention_width(cfg) -> int:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_attention_heads * head_dim
+
+
 def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6N (dense) + 12 * layers * hidden * seq (attention scores)."""
-    return 6 * count_parameters(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    """Training FLOPs per token of a window whose tokens all attend over `seq_len` (PaLM's convention,
+    forward + backward): 6 x matrix-product parameters (the input embedding left out) + 12 x layers x
+    attention width x seq_len (scores and the weighted sum). See `lvm.train.metrics.window_flops` for
+    packed windows, where each token attends over its own sentence only and PAD is no work."""
+    return 6 * matmul_parameters(cfg) + 12 * cfg.num_hidden_layers * attention_width(cfg) * seq_len

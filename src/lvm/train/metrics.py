@@ -1,34 +1,151 @@
-"""Training metrics: TensorBoard scalars, OUTPUT/metrics.jsonl, and a compact console line."""
+"""Training metrics: TensorBoard scalars, OUTPUT/metrics.jsonl, a compact console line, and throughput.
+
+Throughput and MFU. Tokens/s counts the tokens that are work: PAD (the tail of a packed window) is not.
+Model FLOPs follow PaLM (forward + backward): 6 x the parameters that take part in a matrix product (the
+input embedding is a lookup and is left out; the output head counts) per token, plus 12 x layers x
+attention width for every (query, key) pair inside a segment's full square (a concatenated window is one
+segment of the window's length; a packed window one segment per sentence). MFU divides by the GPU's dense
+bf16/fp16 peak (`PEAK_TFLOPS`, or $LVM_PEAK_TFLOPS) times the number of GPUs; fp32 runs report none.
+Validation and checkpoint time is left out of the window it falls in (`Throughput.paused`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-# Dense bf16 peak TFLOP/s by GPU name (no sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s per GPU, from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name() in this order (the specific names first: "H100 NVL" before "H100").
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    (r"\bGH200\b", 989.4),
+    (r"\bH200 NVL\b", 835.5),      # H200 NVL: 1,671 with sparsity
+    (r"\bH200\b", 989.4),          # H200 SXM
+    (r"\bH100 NVL\b", 835.5),      # H100 NVL: 1,671 with sparsity
+    (r"\bH100 PCIe\b", 756.5),
+    (r"\bH100\b", 989.4),          # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    (r"\bH800 PCIe\b", 756.5),
+    (r"\bH800\b", 989.4),
+    (r"\bB200\b", 2250.0),
+    (r"\bA100\b", 312.0),          # SXM4 and PCIe, 40 and 80 GB
+    (r"\bA800\b", 312.0),
+    (r"\bL40S\b", 362.05),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+]
+PEAK_ENV = "LVM_PEAK_TFLOPS"  # overrides the table (a GPU it does not know, or clocks set differently)
 
 
-def device_peak_flops() -> float | None:
+def peak_tflops_of(name: str, precision: str = "bf16") -> float | None:
+    """Dense bf16/fp16 peak of the GPU called `name`; None for fp32 runs or a GPU not in the table."""
+    if precision not in ("bf16", "fp16"):
+        return None
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return tflops
+    return None
+
+
+def device_peak_flops(precision: str = "bf16", device=None) -> float | None:
+    """Peak FLOP/s of this process's GPU for `precision` ($LVM_PEAK_TFLOPS wins); None without a GPU."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            if key == "H100" and "PCIe" in name:
-                return 756e12
-            return tflops * 1e12
-    return None
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]) * 1e12
+    t = peak_tflops_of(torch.cuda.get_device_name(device), precision)
+    return t * 1e12 if t else None
 
 
 def device_memory_gib() -> float | None:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return None
+
+
+def device_reserved_gib() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved() / 2**30
+    return None
+
+
+def window_work(input_ids: torch.Tensor, position_ids: torch.Tensor | None, pad_id: int) -> tuple[int, int]:
+    """(tokens that are not PAD, sum over segments of length squared) of a micro-batch on the host.
+
+    Concatenated windows are one segment each (every token attends over the window: L^2); packed windows
+    (`position_ids` restarting at each sentence) have one segment per sentence, and the PAD tail is none."""
+    ids = input_ids.numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+    real = int((ids != pad_id).sum())
+    if position_ids is None:
+        return real, int(ids.shape[0]) * int(ids.shape[1]) ** 2
+    pos = position_ids.numpy() if isinstance(position_ids, torch.Tensor) else np.asarray(position_ids)
+    starts = pos == 0
+    starts[:, 0] = True
+    seg = np.cumsum(starts, axis=1) - 1                       # segment index within the row
+    flat = seg + (np.arange(len(seg)) * ids.shape[1])[:, None]  # unique per row
+    lengths = np.bincount(flat.ravel())
+    first_ids = ids[starts]                                   # first token of each segment, row-major
+    keep = lengths[lengths > 0]
+    return real, int((keep[first_ids != pad_id].astype(np.int64) ** 2).sum())
+
+
+def window_flops(cfg, tokens: int, sum_sq: int) -> float:
+    """Training FLOPs (forward + backward) of `tokens` real tokens in segments with sum of squared lengths
+    `sum_sq`: 6 x matrix-product parameters per token + 12 x layers x attention width per (query, key) pair
+    of the full square of each segment (PaLM's convention; `lvm.model.presets.flops_per_token` for a window)."""
+    from lvm.model.presets import attention_width, matmul_parameters
+
+    return 6.0 * matmul_parameters(cfg) * tokens + 12.0 * cfg.num_hidden_layers * attention_width(cfg) * sum_sq
+
+
+class Throughput:
+    """Tokens/s and MFU over a logging window, counting only training time.
+
+    `paused()` wraps validation and checkpointing, whose time is not training time; the clock is read
+    after the device has finished its queued work (`sync`), so a window neither ends early nor hands
+    its last step's kernels to the next one."""
+
+    def __init__(self, sync=None):
+        self.sync = sync or (lambda: None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0
+        self.tokens = self.window_tokens = 0
+        self.flops = 0.0
+
+    def add(self, tokens: int, window_tokens: int, flops: float) -> None:
+        self.tokens += tokens
+        self.window_tokens += window_tokens
+        self.flops += flops
+
+    @contextmanager
+    def paused(self):
+        self.sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.excluded += time.perf_counter() - t
+
+    def read(self, peak_flops: float | None, world_size: int = 1) -> dict:
+        """{tokens_per_s (non-PAD), window_tokens_per_s (PAD included), tflops_per_s, mfu or None} per job."""
+        self.sync()
+        dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+        out = {"tokens_per_s": self.tokens / dt, "window_tokens_per_s": self.window_tokens / dt,
+               "tflops_per_s": self.flops / dt / 1e12, "mfu": None, "seconds": dt}
+        if peak_flops:
+            out["mfu"] = self.flops / dt / (peak_flops * world_size)
+        return out
 
 
 class MetricsLogger:

@@ -50,6 +50,9 @@ class RunOptions:
     max_bad_steps: int = 10
     gpu_mem_gib: float | None = None
     optimizer: str = "adamw"
+    attention: str = "auto"
+    kernels: str = "none"
+    compile: bool = False
 
     def run_dir(self) -> str:
         name = Path(self.init_from).name if self.init_from else self.model.replace("/", "_")
@@ -98,6 +101,12 @@ HELP = {
     "max_bad_steps": "stop after this many consecutive steps with a non-finite loss",
     "gpu_mem_gib": "GPU memory budget: the planner fills ds_config values left \"auto\"",
     "optimizer": "optimizer (AdamW and Lion via DeepSpeed; SGD with momentum; 8-bit AdamW via bitsandbytes)",
+    "attention": "attention kernels: auto (flash-attention-2 where installed and on a GPU, else sdpa), flash_attention_2, "
+                 "sdpa or eager; one that cannot run here falls back to sdpa with one log line",
+    "kernels": "fused kernels: none, or liger (Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy; "
+               "needs liger-kernel and a GPU, else one log line and none)",
+    "compile": "torch.compile every decoder layer (the first steps include the compilation; falls back with one "
+               "log line where it cannot run)",
 }
 
 
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {shown})"  # shown once
         kw = {"dest": f.name, "default": None, "help": text}
-        if f.name in ("grad_ckpt", "verify_data"):
+        if f.name in ("grad_ckpt", "verify_data", "compile"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         if f.name in ("data", "val_data", "data_weights"):
@@ -121,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = ["concat", "sentence"]
         if f.name == "precision":
             kw["choices"] = ["auto", "bf16", "fp16", "fp32"]
+        if f.name == "attention":
+            kw["choices"] = ["auto", "flash_attention_2", "sdpa", "eager"]
+        if f.name == "kernels":
+            kw["choices"] = ["none", "liger"]
         if f.name == "optimizer":
             kw["choices"] = list(OPTIMIZERS)
         if f.name == "lr_schedule":

@@ -14,14 +14,24 @@ import torch.nn.functional as F
 
 from lvm.data.mixture import DistributedLoader
 from lvm.data.shards import ShardError
-from lvm.launch_env import export_torch_env, launch_env
-from lvm.model.presets import attention_implementation, count_parameters, flops_per_token
-from lvm.model.vocab import IGNORE_INDEX
+from lvm.launch_env import export_torch_env, launch_env, local_device
+from lvm.model.attention import packed_attention_kwargs, resolve_attention
+from lvm.model.kernels import apply_kernels, compile_layers
+from lvm.model.presets import count_parameters
+from lvm.model.vocab import IGNORE_INDEX, PAD_ID
 from lvm.train import bad_steps, elastic, init_from
 from lvm.train import checkpoint as ckpt
 from lvm.train.data_setup import build_windows, describe, open_data
 from lvm.train.ds_config import ConfigError, load_ds_config, zero_stage
-from lvm.train.metrics import MetricsLogger, device_memory_gib, device_peak_flops
+from lvm.train.metrics import (
+    MetricsLogger,
+    Throughput,
+    device_memory_gib,
+    device_peak_flops,
+    device_reserved_gib,
+    window_flops,
+    window_work,
+)
 from lvm.train.options import RunOptions
 from lvm.train.schedule import run_schedule
 from lvm.train.validation import evaluate
@@ -52,8 +62,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_model(cfg, ds: dict, grad_ckpt: bool):
-    """LlamaForCausalLM; under ZeRO-3 created inside deepspeed.zero.Init (never whole on one rank)."""
+def build_model(cfg, ds: dict, grad_ckpt: bool, attention: str = "sdpa"):
+    """LlamaForCausalLM with `attention` (an implementation `lvm.model.attention.resolve_attention` chose);
+    under ZeRO-3 created inside deepspeed.zero.Init (never whole on one rank)."""
     from transformers import LlamaForCausalLM
 
     keepalive = None
@@ -61,7 +72,7 @@ def build_model(cfg, ds: dict, grad_ckpt: bool):
         from transformers.integrations import HfDeepSpeedConfig
 
         keepalive = HfDeepSpeedConfig(ds)  # makes transformers build and init the model under zero.Init
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attention_implementation())
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attention)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, keepalive
@@ -103,7 +114,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     export_torch_env(env)
     stop = StopRequest()  # from the start: SLURM's SIGTERM may come at any time
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    device = local_device(env)  # cuda:LOCAL_RANK, or cuda:0 where the cluster shows each task one GPU
     if cuda:
         torch.cuda.set_device(device)
 
@@ -155,7 +166,17 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     log.console(f"schedule {sched.describe()}")
     where = elastic.prepare_load(resume, env.world_size, env.rank, ds)  # converted once if the world size changed
     torch.manual_seed(opts.seed)
-    model, _keepalive = build_model(cfg, ds, opts.grad_ckpt)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision, torch.float32)
+    attn, note = resolve_attention(opts.attention, device, dtype)
+    if note:
+        log.console(note)
+    model, _keepalive = build_model(cfg, ds, opts.grad_ckpt, attn)
+    log.console(f"attention: {attn}" + (" (packed sentences: varlen, cu_seqlens from the packing)" if attn == "flash_attention_2"
+                                        and opts.packing == "sentence" else " (packed sentences: block-diagonal causal mask)"
+                                        if opts.packing == "sentence" else ""))
+    log.console(apply_kernels(model, opts.kernels, device, need_logits=len(names) > 1))
+    if opts.compile:
+        log.console(compile_layers(model, zero_stage(ds)))
     if opts.init_from and resume is None:
         n = init_from.load_weights(model, opts.init_from, env.rank)
         log.console(f"initialised from {opts.init_from} ({n} tensors); optimizer and schedule start fresh")
@@ -174,14 +195,19 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     if rank0:
         ckpt.check_run_identity(ckpt_dir, identity, write=True)
 
-    peak = device_peak_flops()
-    fpt = flops_per_token(cfg, opts.seq_len)
-    tokens_per_step = opts.micro_batch * opts.grad_accum * env.world_size * opts.seq_len
-    bad_in_row, t_last, steps_since = 0, time.perf_counter(), 0
+    peak = device_peak_flops(opts.precision, device)
+    # this rank's work; summed over the ranks at each log step (lvm.train.metrics: PAD is no work)
+    throughput = Throughput(torch.cuda.synchronize if cuda else None)
+    work = [0.0, 0.0, 0.0]  # this rank's tokens, window tokens and model FLOPs since the last log (host numbers)
+    bad_in_row = 0
 
     save_timer = ckpt.SaveTimer(opts.save_every_minutes)
 
     def save(reason: str):
+        with throughput.paused():  # not training time
+            _save(reason)
+
+    def _save(reason: str):
         tag = ckpt.tag_for(step)
         if rank0:  # before DeepSpeed's files: a tag that 'latest' names always has it
             ckpt.write_run_state(ckpt_dir / tag, elastic.run_state(step, env.world_size, opts, ds, sched, skipped_steps))
@@ -196,6 +222,10 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         log.console(f"saved checkpoint {ckpt_dir / tag} ({reason})")
 
     def validate():
+        with throughput.paused():  # not training time
+            _validate()
+
+    def _validate():
         if not val_sets or opts.eval_every == 0:
             return
         r = evaluate(engine, val_sets, opts.seq_len, opts.micro_batch, env.rank, env.world_size, opts.eval_max_sentences)
@@ -225,8 +255,11 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         nonfinite = torch.zeros((), device=device)
         for micro in range(opts.grad_accum):
             b = loader.next_batch()
-            batch = {k: v.to(device, non_blocking=True) for k, v in b.model_inputs().items()}
-            out = engine(**batch, use_cache=False)
+            inputs = b.model_inputs()
+            tokens, sum_sq = window_work(b.input_ids, inputs.get("position_ids"), PAD_ID)
+            work = [work[0] + tokens, work[1] + b.input_ids.numel(), work[2] + window_flops(cfg, tokens, sum_sq)]
+            batch = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            out = engine(**batch, **packed_attention_kwargs(batch.get("position_ids"), attn, dtype), use_cache=False)
             loss = out.loss
             ok = torch.isfinite(loss.detach())
             nonfinite += ~ok
@@ -250,7 +283,6 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             engine.step()
         gate.closed = False
         step += 1
-        steps_since += 1
         # DeepSpeed itself skips (and clears) an update whose gradient norm is not finite
         why = bad_steps.classify(bad_loss, engine.was_step_applied(), opts.precision)
         if why == "overflow":
@@ -266,12 +298,14 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         else:
             bad_in_row = 0
         if step % opts.log_every == 0 or step == opts.max_steps:
-            dt = time.perf_counter() - t_last
-            tps = tokens_per_step * steps_since / dt
-            sums = torch.cat([torch.stack([win_loss, win_n]), src_nll, src_n])
+            sums = torch.cat([torch.stack([win_loss, win_n]), src_nll, src_n, torch.tensor(work, dtype=torch.float64, device=device)])
             if dist.is_initialized():
                 dist.all_reduce(sums)
             total, count, *rest = sums.tolist()
+            throughput.add(*rest[-3:])
+            rest = rest[:-3]
+            rate = throughput.read(peak, env.world_size)
+            tps = rate["tokens_per_s"]
             loss_mean = total / count if count else None
             if len(names) > 1:
                 by_source = {f"loss/{k}": a / c for k, a, c in zip(names, rest[: len(names)], rest[len(names) :], strict=True) if c}
@@ -281,8 +315,8 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             gn = engine.get_global_grad_norm()
             m = {"loss": loss_mean, "lr": sched.lr_at(step - 1),
                  "grad_norm": float(gn) if gn is not None else None, "tokens_per_s": tps,
-                 "tflops_per_s": fpt * tps / 1e12, "mfu": fpt * tps / (peak * env.world_size) if peak else None,
-                 "memory_gib": device_memory_gib(), "skipped_steps": skipped_steps,
+                 "window_tokens_per_s": rate["window_tokens_per_s"], "tflops_per_s": rate["tflops_per_s"], "mfu": rate["mfu"],
+                 "memory_gib": device_memory_gib(), "memory_reserved_gib": device_reserved_gib(), "skipped_steps": skipped_steps,
                  **({"epoch": loader.epoch} if len(names) == 1 else {f"epoch/{k}": v for k, v in epochs.items()}),
                  **by_source, "tokens_by_source": loader.tokens_by_source()}
             log.log(step, {k: v for k, v in m.items() if v is not None})
@@ -299,7 +333,8 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             win_n.zero_()
             src_nll.zero_()
             src_n.zero_()
-            t_last, steps_since = time.perf_counter(), 0
+            work = [0.0, 0.0, 0.0]
+            throughput.reset()
         if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps:
             validate()
         if stop_now:
