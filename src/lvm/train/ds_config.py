@@ -119,6 +119,16 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
     stage = int(_get(ds, ("zero_optimization", "stage")) or 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ds_config zero_optimization.stage={stage}: must be 0-3")
+    if precision == "bf16" and stage >= 1:
+        # DeepSpeed accumulates gradients in the model's dtype unless told otherwise: over micro-steps (and
+        # ranks) bf16 sums lose the small contributions. fp32 accumulation unless the JSON chose a dtype.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if device.type == "cuda" and ds["optimizer"]["type"] == "AdamW" and not fused_adam_prebuilt():
+        # DeepSpeed's FusedAdam would be compiled at start-up (nvcc and ninja needed, a minute or more, or a
+        # failure on a machine without the CUDA toolkit); torch's fused AdamW is the same update, prebuilt.
+        params = ds["optimizer"].setdefault("params", {})
+        if "torch_adam" not in params and not optimizers.offloads_optimizer(ds):
+            params.update(torch_adam=True, fused=True)
     try:
         optimizers.check(opts.optimizer, ds, device)
     except optimizers.OptimizerError as e:
@@ -129,6 +139,15 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
         raise ConfigError(f"ds_config leaves {', '.join(leftover)} as \"auto\" and no flag fills them "
                           "(use launch/plan.py or --gpu-mem-gib to plan them, or set values)")
     return ds
+
+
+def fused_adam_prebuilt() -> bool:
+    """Whether this DeepSpeed install ships its FusedAdam op built (DS_BUILD_FUSED_ADAM=1), not JIT-compiled."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("fused_adam"))
 
 
 def optimizer_name(ds: dict, opts, given: set[str], allow_auto: bool = False) -> str:
