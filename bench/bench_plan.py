@@ -118,14 +118,18 @@ def measure_one(case: dict, model_name: str = GPU_MODEL, seq: int = GPU_SEQ, dev
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     b, s = case["micro_batch"], seq
-    pos = None
-    if case["packing"] == "sentence":  # three sentences per window: position ids restart
+    packed = {}
+    if case["packing"] == "sentence":  # three sentences per window, passed as the trainer does (lvm.model.attention)
+        from lvm.model.attention import packed_attention_kwargs
+
         cuts = [0, s // 3, s // 3 + s // 4, s]
         pos = torch.cat([torch.arange(cuts[k + 1] - cuts[k]) for k in range(3)]).expand(b, -1).contiguous().to(device)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        packed = {"position_ids": pos, **packed_attention_kwargs(pos, case["attention"], dtype)}
     t = time.perf_counter()
     for _ in range(GPU_STEPS):
         ids = torch.randint(0, 8192, (b, s), device=device)
-        loss = engine(input_ids=ids, labels=ids, position_ids=pos, use_cache=False).loss
+        loss = engine(input_ids=ids, labels=ids, use_cache=False, **packed).loss
         engine.backward(loss)
         engine.step()
     dt = time.perf_counter() - t

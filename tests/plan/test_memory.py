@@ -9,7 +9,7 @@ from lvm.plan.memory import (
     Setting,
     activation_bytes,
     backward_peak_bytes,
-    mask_bytes_per_layer,
+    mask_bytes,
     model_states,
 )
 
@@ -92,9 +92,18 @@ def packed_positions(b: int, s: int) -> torch.Tensor:
     return torch.cat([torch.arange(cuts[k + 1] - cuts[k]) for k in range(3)]).expand(b, -1).contiguous()
 
 
+def packed_kwargs(position_ids, model) -> dict:
+    """What the trainer passes for `--packing sentence` on the SDPA path (lvm.model.attention)."""
+    from lvm.model.attention import packed_attention_kwargs
+
+    if position_ids is None:
+        return {}
+    return {"position_ids": position_ids, **packed_attention_kwargs(position_ids, "sdpa", model.dtype)}
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_sentence_packing_mask_is_saved_per_layer(dtype):
-    """SDPA gets a block-causal mask from restarting position ids and saves it, converted, in every layer."""
+def test_sentence_packing_mask_is_saved_once(dtype):
+    """The trainer's additive block-causal mask is shared by every layer: saved as one storage, b s^2 d bytes."""
     torch.manual_seed(0)
     cfg = small_configs()[0]
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
@@ -109,23 +118,26 @@ def test_sentence_packing_mask_is_saved_per_layer(dtype):
         return t
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kwargs = packed_kwargs(packed_positions(b, s), model)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, position_ids=packed_positions(b, s), use_cache=False)
+        model(input_ids=ids, labels=ids, use_cache=False, **kwargs)
     packed = sum(v for k, v in seen.items() if k not in params)
     plain = saved_bytes(model, ids, False)
     d = DTYPE_BYTES[dtype]
-    assert packed - plain == cfg.num_hidden_layers * mask_bytes_per_layer(b, s, d) + 2 * (cfg.hidden_size // cfg.num_attention_heads) * d * b * s * (1 - 1 / b)
+    rope_per_sequence = 2 * (cfg.hidden_size // cfg.num_attention_heads) * d * b * s * (1 - 1 / b)
+    assert packed - plain == mask_bytes(b, s, d, cfg.num_hidden_layers) + rope_per_sequence == b * s * s * d + rope_per_sequence
     assert activation_bytes(cfg, b, s, False, dtype, attn_mask=True) - activation_bytes(cfg, b, s, False, dtype) == packed - plain
 
 
 def measured_peak(model, ids, position_ids=None) -> int:
-    """Peak bytes of activations and temporaries (not parameters or their gradients) in one forward + backward."""
+    """Peak bytes of activations and temporaries (not parameters or their gradients) in one forward + backward,
+    the packing mask built inside (it lives as long as the batch)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     mt = MemTracker()
     mt.track_external(model)
     with mt:
-        model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False).loss.backward()
+        model(input_ids=ids, labels=ids, use_cache=False, **packed_kwargs(position_ids, model)).loss.backward()
     peak = {str(k).split(".")[-1]: v for k, v in mt.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
     model.zero_grad(set_to_none=True)
     return peak["ACT"] + peak["TEMP"]

@@ -38,15 +38,16 @@ Activations saved for backward, per token, for HF's LlamaDecoderLayer with SDPA/
   (tests/plan/test_memory.py keeps them within 10%).
 
 GPU terms DeepSpeed's estimators leave out (DeepSpeed issue #4527: estimated 0.49 GB per GPU, used 15-21 GB):
-  * Attention mask of `--packing sentence`. Position ids restart per sentence, so transformers'
-    `create_causal_mask` (masking_utils.py, `find_packed_sequence_indices`) builds a boolean
-    b x 1 x s x s block-causal mask for SDPA, which cannot take the flash kernel with a mask: PyTorch
-    (`convert_boolean_attn_mask` in aten/src/ATen/native/transformers/attention.cpp) converts it to an
-    additive mask of the compute dtype in every layer, and the memory-efficient kernel (CPU flash kernel
-    alike) saves it for backward: b s pad16(s) d per layer (pad16: the efficient kernel's 16-element
-    alignment), plus RoPE cos/sin per sequence (2 (h/a) d per token, no longer shared over the batch).
-    With checkpointing the boolean mask (b s^2 B) stays alive for the recomputation and one layer's
-    converted mask joins the recompute peak. flash_attention_2 takes the varlen path: no mask at all.
+  * Attention mask of `--packing sentence` on the SDPA path. A packed window needs a block-causal mask;
+    the trainer builds one additive b x 1 x s x s mask in the compute dtype per micro-batch and shares it
+    by every layer (`lvm.model.attention.block_causal_mask`): b s^2 d bytes, alive from forward to
+    backward and saved (as the same storage) by each layer's SDPA kernel, which cannot take the flash
+    kernel with a mask. Left to transformers, restarting position ids would give a boolean mask
+    (masking_utils.py `find_packed_sequence_indices`, for one-row batches only) that PyTorch converts to a
+    new additive tensor in every layer (`convert_boolean_attn_mask`, aten/.../transformers/attention.cpp):
+    b s^2 d per layer; the memory-efficient kernel also pads a copy per layer when s is not a multiple of
+    16 (`preprocess_mask`), modelled here. RoPE cos/sin become per sequence (2 (h/a) d per token, no longer
+    shared over the batch). flash_attention_2 takes the varlen path (cu_seqlens): no mask at all.
     Measured on CPU (tests/plan/test_memory.py).
   * ZeRO-3 live parameters. DeepSpeed's PartitionedParameterCoordinator (partitioned_param_coordinator.py,
     `__params_to_release`) keeps a gathered 16-bit parameter after its module's forward when the
@@ -280,9 +281,13 @@ def layer_bytes_per_token(cfg, d: int) -> int:
     return (8 * h + 4 * i) * d + 8 * h + 4 * a + 8
 
 
-def mask_bytes_per_layer(micro_batch: int, seq_len: int, d: int) -> int:
-    """The additive attention mask SDPA builds from the boolean one and saves, per layer."""
-    return micro_batch * seq_len * (-(-seq_len // 16) * 16) * d
+def mask_bytes(micro_batch: int, seq_len: int, d: int, n_layers: int) -> int:
+    """The additive block-causal mask the trainer shares by all layers, plus the kernel's padded copies
+    per layer when seq_len is not a multiple of 16 (memory-efficient attention's alignment)."""
+    shared = micro_batch * seq_len * seq_len * d
+    if seq_len % 16:
+        shared += n_layers * micro_batch * seq_len * (-(-seq_len // 16) * 16) * d
+    return shared
 
 
 def head_bytes_per_token(cfg, d: int) -> int:
@@ -298,13 +303,11 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, grad_ckpt: bool, dtype
     head = head_bytes_per_token(cfg, d)
     if grad_ckpt:
         total = (n_layers * h * d + head) * tokens
-        if attn_mask:
-            total += micro_batch * seq_len * seq_len  # the boolean mask, held for the recomputation
-        return int(total)
-    rope = 2 * _head_dim(cfg) * d / (1 if attn_mask else micro_batch)
-    total = (n_layers * layer_bytes_per_token(cfg, d) + head + rope) * tokens
+    else:
+        rope = 2 * _head_dim(cfg) * d / (1 if attn_mask else micro_batch)
+        total = (n_layers * layer_bytes_per_token(cfg, d) + head + rope) * tokens
     if attn_mask:
-        total += n_layers * mask_bytes_per_layer(micro_batch, seq_len, d)
+        total += mask_bytes(micro_batch, seq_len, d, 0 if grad_ckpt else n_layers)
     return int(total)
 
 
@@ -317,8 +320,8 @@ def backward_peak_bytes(cfg, micro_batch: int, seq_len: int, grad_ckpt: bool, dt
     layer_phase = tokens * 2 * cfg.intermediate_size * d - tokens * head_bytes_per_token(cfg, d)
     if grad_ckpt:
         layer_phase += tokens * layer_bytes_per_token(cfg, d)
-        if attn_mask:
-            layer_phase += mask_bytes_per_layer(micro_batch, seq_len, d)
+        if attn_mask and seq_len % 16:
+            layer_phase += mask_bytes(micro_batch, seq_len, d, 1) - micro_batch * seq_len * seq_len * d
     return int(max(head_phase, layer_phase))
 
 

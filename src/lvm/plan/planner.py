@@ -457,10 +457,12 @@ def fill_from_plan(ds: dict, opts, world_size: int, given: set[str] | None = Non
     except ConfigError as e:
         raise PlanError(str(e)) from None
     fixed = constraints_from(ds, opts, given)
+    dtype = _plan_dtype(ds, opts, device)
+    attention = attention_implementation(getattr(opts, "attention", "auto"), device,
+                                         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
     req = Request(model_shape(opts.model), gpus_per_node=local, nodes=world_size // local, gpu_mem_gib=opts.gpu_mem_gib,
-                  seq_len=opts.seq_len, global_batch_tokens=opts.global_batch_tokens, dtype=_plan_dtype(ds, opts, device),
-                  optimizer=optimizer, packing=getattr(opts, "packing", "concat"), attention=attention_implementation(),
-                  fixed=fixed)
+                  seq_len=opts.seq_len, global_batch_tokens=opts.global_batch_tokens, dtype=dtype,
+                  optimizer=optimizer, packing=getattr(opts, "packing", "concat"), attention=attention, fixed=fixed)
     try:
         plan = search(req)
     except PlanError as e:
