@@ -5,8 +5,9 @@ of windows with its own epochs. Global window g of the run is drawn from one sou
 periodic schedule: the weights are apportioned into integer counts n_s over a period of
 `PERIOD` windows (each source at least one), and the period lists the windows (s, t), t < n_s, in
 the order of (t + 1/2) / n_s (ties by source). This spreads every source evenly over the period, so
-after g windows source s has been drawn g * n_s / PERIOD times give or take about one window per
-source, at every g, not only on average. Window g is source s = seq[g mod PERIOD]'s window
+after g windows source s has been drawn g * n_s / PERIOD times to within two windows, at every g, not
+only on average (largest deviation over a period: 0.5 for two equal sources, 0.65 for 0.6/0.3/0.1, 1.7
+for LVM's 0.885/0.072/0.042/0.0006/0.0005, 0.94 for 30 random weights). Window g is source s = seq[g mod PERIOD]'s window
 (g div PERIOD) * n_s + t: computed directly, so resume is exact and costs nothing.
 
 A micro-step consumes `world_size * micro_batch` consecutive global windows, rank r taking its
