@@ -27,7 +27,8 @@ def train_cmd(nproc: int, args: list[str]) -> list[str]:
 
 
 def run_train(nproc: int, args: list[str], check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(train_cmd(nproc, args), capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+    env = {**ENV, "MASTER_PORT": str(free_port())} if nproc == 1 else ENV  # a lone process still opens a port
+    r = subprocess.run(train_cmd(nproc, args), capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r

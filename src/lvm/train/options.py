@@ -8,9 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from lvm.model.presets import DEFAULT_SEQ_LEN, PRESETS
+from lvm.train.optimizers import OPTIMIZERS
 from lvm.train.schedule import SCHEDULES
-
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "lion")
 
 
 @dataclass

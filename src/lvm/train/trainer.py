@@ -19,7 +19,7 @@ from lvm.model.attention import packed_attention_kwargs, resolve_attention
 from lvm.model.kernels import apply_kernels, compile_layers
 from lvm.model.presets import count_parameters
 from lvm.model.vocab import IGNORE_INDEX, PAD_ID
-from lvm.train import bad_steps, elastic, init_from
+from lvm.train import bad_steps, elastic, init_from, optimizers
 from lvm.train import checkpoint as ckpt
 from lvm.train.data_setup import build_windows, describe, open_data
 from lvm.train.ds_config import ConfigError, load_ds_config, zero_stage
@@ -134,8 +134,9 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     if opts.gpu_mem_gib is not None:
         from lvm.plan.planner import fill_from_plan
 
-        ds_raw = fill_from_plan(ds_raw, opts, env.world_size)
+        ds_raw = fill_from_plan(ds_raw, opts, env.world_size, given=given, device=device)
     ds = elastic.resolve_keeping_batch(ds_raw, opts, given, env.world_size, device, resume)
+    optimizers.check(opts.optimizer, ds, device)  # e.g. 8-bit AdamW where bitsandbytes cannot run: one line, now
     sched = run_schedule(opts, given, resume.schedule if resume else None, resume.step if resume else 0)
     identity = {"zero_stage": zero_stage(ds), "model": cfg.to_diff_dict(), "seq_len": opts.seq_len, "packing": opts.packing}
     ckpt.check_run_identity(ckpt_dir, identity, write=False)
@@ -180,8 +181,9 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     if opts.init_from and resume is None:
         n = init_from.load_weights(model, opts.init_from, env.rank)
         log.console(f"initialised from {opts.init_from} ({n} tensors); optimizer and schedule start fresh")
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, opts.weight_decay), config=ds)
+    groups = param_groups(model, opts.weight_decay)
+    client_opt, ds = optimizers.make_optimizer(opts.optimizer, groups, ds, device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups, config=ds)
     gate = bad_steps.UpdateGate(optimizer)  # a non-finite loss: engine.step() without an update
     # the next micro-batches are assembled (and pinned, on CUDA) by a background thread while this one trains
     loader = DistributedLoader(windows, opts.micro_batch, env.rank, env.world_size, prefetch=2, pin=cuda)
