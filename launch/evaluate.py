@@ -2,7 +2,11 @@
 """Evaluate a trained model on shards: perplexity overall, per data kind, vs number of context
 frames (video/sequence) and vs number of in-context example pairs. Writes DIR/eval.json and
 DIR/context_frames.png, and logs both to TensorBoard when given a run folder.
-Runs as one process or under torchrun/deepspeed/srun (each rank scores a slice)."""
+
+Runs as one process or under torchrun/deepspeed/srun (each rank scores a slice on its own GPU:
+cuda:LOCAL_RANK, or the one GPU a cluster shows each task). Only rank 0 reads and consolidates the
+checkpoint; the others receive the weights. The shards must come from the tokenizer the model was
+trained on (checked before any weights are read)."""
 
 from __future__ import annotations
 
@@ -15,38 +19,75 @@ from pathlib import Path
 import torch
 
 
+def data_folders(data: str, split: str) -> list[Path]:
+    root = Path(data)
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        return [root / s for s in (("train", "val") if split == "all" else (split,))]
+    return [root]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed checkpoint folder/tag, or exported HF folder")
     p.add_argument("--data", required=True, help="a shard folder, or a make_shards output folder (see --split)")
     p.add_argument("--split", choices=["val", "train", "all"], default="val", help="with a make_shards output folder")
     p.add_argument("--out", required=True, help="output folder for eval.json and context_frames.png")
     p.add_argument("--batch-size", type=int, default=4, help="sentences per forward pass")
     p.add_argument("--max-sentences", type=int, default=None, help="score at most this many sentences per split")
+    p.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
+                   help="attention kernels (auto: flash-attention-2 where installed and on a GPU, else sdpa)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     from lvm.data.shards import ShardError, load_sentences
-    from lvm.eval.model_io import ModelLoadError, load_model, run_folder
+    from lvm.eval.model_io import (
+        ModelLoadError,
+        load_model,
+        model_tokenizer_info,
+        run_folder,
+        tokenizer_mismatch,
+    )
     from lvm.eval.perplexity import Sums, plot, results, score
-    from lvm.launch_env import export_torch_env, launch_env
+    from lvm.launch_env import export_torch_env, launch_env, local_device
+    from lvm.train.data_setup import check_tokenizer
 
     env = launch_env()
+    device = local_device(env)  # before any CUDA work: NCCL binds each rank to the current device
     try:
-        root = Path(a.data)
-        if (root / "train").is_dir() or (root / "val").is_dir():
-            folders = [root / s for s in (("train", "val") if a.split == "all" else (a.split,))]
-        else:
-            folders = [root]
+        if a.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        folders = data_folders(a.data, a.split)
         tables = [load_sentences(f) for f in folders]
-        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        model, _ = load_model(a.checkpoint, device)
+        model_info = model_tokenizer_info(a.checkpoint)
+        for f in folders:
+            shard_info = check_tokenizer(f, None)
+            why = tokenizer_mismatch(model_info, shard_info)
+            if why:
+                raise ValueError(f"--data {f} was made by tokenizer {shard_info.get('spec_resolved')}, but the model was "
+                                 f"trained on tokens of {model_info.get('spec_resolved') or model_info.get('spec')} ({why}): "
+                                 "evaluate on shards made by the model's tokenizer")
     except (ShardError, ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if model_info is None and env.rank == 0:
+        print("note: the model records no tokenizer (tokenizer.json); the shards' tokenizer could not be checked")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if env.world_size > 1:
         export_torch_env(env)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = device.type == "cuda"
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
+    try:
+        model, _ = load_model(a.checkpoint, device, a.attention)
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        if env.rank == 0:  # every rank raises rank 0's load error; one says it
+            print(f"error: {e}", file=sys.stderr)
+        if env.world_size > 1:
+            torch.distributed.destroy_process_group()
+        return 2
+    if env.world_size > 1:
+        print(f"rank {env.rank}: {'consolidated the checkpoint' if env.rank == 0 else 'received the weights from rank 0'} "
+              f"on {device}", flush=True)
     window = model.config.max_position_embeddings
     total = Sums()
     for t in tables:
@@ -61,7 +102,9 @@ def main(argv=None) -> int:
     res = results(total)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(res, indent=2))
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2))
+    os.replace(tmp, out / "eval.json")
     plot(res, out / "context_frames.png")
     run = run_folder(a.checkpoint)
     if run is not None:

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,9 +48,9 @@ def test_perplexity_is_exp_mean_nll(trained, train_shards, tmp_path):
     nll, n, kinds, frames = 0.0, 0, {}, {}
     for i in range(len(table)):
         full = np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])
-        ids = torch.from_numpy(full[: model.config.max_position_embeddings])[None]  # sentences are cut to the window
+        ids = torch.from_numpy(full[: model.config.max_position_embeddings + 1])[None]  # W inputs, W targets at most
         with torch.no_grad():
-            logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            logp = F.log_softmax(model(input_ids=ids[:, :-1]).logits[0].double(), -1)
         tok = -logp.gather(1, ids[0, 1:, None])[:, 0]
         nll += float(tok.sum())
         n += len(tok)
@@ -77,6 +78,8 @@ def test_evaluate_with_two_ranks_equals_one(trained, train_shards, tmp_path):
                           "launch/evaluate.py", "--checkpoint", str(run), "--data", str(train_shards), "--out", str(tmp_path / "two")],
                          cwd=REPO, env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
+    # only rank 0 consolidated the checkpoint; rank 1 got the weights by broadcast
+    assert two.stdout.count("consolidated the checkpoint") == 1 and "rank 1: received the weights from rank 0" in two.stdout
     a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6) and a["tokens"] == b["tokens"]
 
@@ -99,9 +102,11 @@ def test_generation_is_visual_reproducible_and_cache_consistent(trained):
 def test_prompt_is_cut_from_the_left_by_whole_images():
     codes = torch.arange(5 * 256).view(5, 256) % 8192
     kept, dropped = fit_prompt(codes, window=1024, n_new=1)
-    assert dropped == 3 and torch.equal(kept, codes[3:])  # (1024 - 1 - 256) // 256 = 2 images kept
+    assert dropped == 2 and torch.equal(kept, codes[2:])  # (1024 - 256) // 256 = 3 images kept: 1 + 768 inputs + 255
     with pytest.raises(PromptError):
         fit_prompt(codes, window=1024, n_new=4)
+    kept, dropped = fit_prompt(torch.zeros(20, 256, dtype=torch.long), window=4096, n_new=1)
+    assert len(kept) == 15  # the paper's 15 context frames before the 16th
 
 
 def test_generate_cli_writes_images_and_rejects_bad_prompts(trained, tmp_path):
@@ -127,3 +132,33 @@ def test_generate_cli_writes_images_and_rejects_bad_prompts(trained, tmp_path):
         assert r.returncode != 0 and len(errors) == 1, r.stderr[-2000:]
     r = cli("generate.py", "--checkpoint", tmp_path / "empty_run", "--prompt", tmp_path / "p0.png", "--out", tmp_path / "x")
     assert r.returncode != 0 and "error:" in r.stderr and "no model" in r.stderr
+
+
+def test_evaluate_refuses_shards_of_another_tokenizer(trained, train_shards, tmp_path):
+    """Checked before any weights are read: another description, or the same description with other weights."""
+    import shutil
+
+    run, hf = trained
+    info = json.loads((train_shards / "tokenizer.json").read_text())
+    other = tmp_path / "other"
+    shutil.copytree(train_shards, other)
+    changed = {**info, "details": {**info["details"], "fit_images": info["details"].get("fit_images", 0) + 1}}
+    (other / "tokenizer.json").write_text(json.dumps(changed))
+    twin = tmp_path / "twin"  # the same description, its own copy of the codebook with other values
+    shutil.copytree(train_shards, twin)
+    kind, _, path = info["spec"].partition(":")
+    source = Path(path) if Path(path).is_absolute() else train_shards / path
+    shutil.copytree(source, twin / "tokenizer_copy")
+    (twin / "tokenizer.json").write_text(json.dumps({**info, "spec": f"{kind}:tokenizer_copy"}))
+    book = next((twin / "tokenizer_copy").glob("*.safetensors"))
+    data = bytearray(book.read_bytes())
+    data[-8:] = bytes(8)
+    book.write_bytes(bytes(data))
+    for data_dir in (other, twin):
+        for ckpt in (run, hf):
+            r = cli("evaluate.py", "--checkpoint", ckpt, "--data", data_dir, "--out", tmp_path / "x")
+            errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+            assert r.returncode == 2 and len(errors) == 1 and "tokenizer" in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+    ok = cli("evaluate.py", "--checkpoint", hf, "--data", train_shards, "--out", tmp_path / "y", "--max-sentences", "2")
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -3,7 +3,8 @@
 The prompt is `[BOS] img1 img2 ...` (no EOS, so the sentence goes on). Each new image is 256 sampled
 tokens; only visual codes can be sampled (BOS/EOS/PAD and the padding rows get -inf). Sampling uses
 the KV cache unless told not to; temperature 0 is greedy. Prompts longer than the window are cut
-from the left by whole images.
+from the left by whole images (`prompt_room`: BOS + prompt + new images may be one token longer than
+the window, since the last sampled token is never fed back).
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def visual_only_processor():
 
 
 def prompt_room(window: int, n_new: int) -> int:
-    """How many whole prompt images fit the window next to BOS and `n_new` new images (>= 1, else PromptError)."""
-    images = (window - 1 - n_new * TOKENS_PER_IMAGE) // TOKENS_PER_IMAGE
+    """How many whole prompt images fit the window next to BOS and `n_new` new images (>= 1, else PromptError).
+
+    A window of W positions takes W inputs and predicts the token after each, so BOS, the prompt and the
+    new images may total W + 1 tokens: the last sampled token is never an input. With W = 4096 and one new
+    image that is 15 prompt images, the paper's longest context (`lvm.eval.perplexity` scores the same way)."""
+    images = (window - n_new * TOKENS_PER_IMAGE) // TOKENS_PER_IMAGE
     if images < 1:
         raise PromptError(f"{n_new} new images ({n_new * TOKENS_PER_IMAGE} tokens) leave no room for a prompt image "
                           f"in the model's window of {window} tokens")

@@ -1,8 +1,16 @@
 """Load a trained model for evaluation or generation: from a run folder, a DeepSpeed checkpoint
-(ZeRO-2 or ZeRO-3, consolidated on the fly) or an exported Hugging Face folder."""
+(ZeRO-2 or ZeRO-3, consolidated on the fly) or an exported Hugging Face folder.
+
+On a GPU the weights are cast to bf16 (fp16 where bf16 is missing) and the buffers (RoPE's inverse
+frequencies) stay fp32, as DeepSpeed kept them in training; the attention implementation is chosen by
+`lvm.model.attention.resolve_attention`. Under several processes only rank 0 reads and consolidates the
+checkpoint (the full fp32 model once per job, not once per rank: 8 copies on an 8-GPU node's host); the
+other ranks build an empty model on their device and receive the weights by broadcast.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,19 +36,95 @@ def model_window(path: str | Path) -> int:
     raise ModelLoadError(f"--checkpoint {p}: no model there (no config.json or model_config.json)")
 
 
-def load_model(path: str | Path, device: torch.device | None = None):
-    """(LlamaForCausalLM in eval mode, tokenizer info dict or None)."""
+def compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def model_tokenizer_info(path: str | Path) -> dict | None:
+    """What made the tokens the model was trained on (tokenizer.json of its run, lvm_tokenizer.json of an
+    export), read without loading any weights; None when the model does not record it."""
+    from lvm.train.export import find_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"--checkpoint {p} does not exist")
+    if is_hf_folder(p):
+        info_file = p / "lvm_tokenizer.json"
+    else:
+        try:
+            run_dir = find_checkpoint(p)[0]
+        except (FileNotFoundError, ValueError) as e:
+            raise ModelLoadError(f"--checkpoint {p}: no model there ({e})") from None
+        info_file = run_dir / "tokenizer.json"
+    return json.loads(info_file.read_text()) if info_file.is_file() else None
+
+
+def weights_digest(spec: str | None) -> str | None:
+    """sha256 of a tokenizer folder's weight files (None when the spec names no folder here)."""
+    if not spec or ":" not in spec:
+        return None
+    folder = Path(spec.partition(":")[2])
+    if not folder.is_dir():
+        return None
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".npy", ".pt"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_mismatch(model_info: dict | None, shard_info: dict) -> str | None:
+    """Why tokens made by `shard_info`'s tokenizer are not the model's vocabulary, or None when they are
+    (or when the model records no tokenizer). Compared: kind, codebook and grid sizes, the tokenizer's own
+    description (paths left out: folders move), and, where both tokenizer folders exist here, the bytes of
+    their weights (two codebooks fitted alike on different corpora differ only there)."""
+    if model_info is None:
+        return None
+    for key in ("kind", "codebook_size", "tokens_per_image"):
+        if model_info.get(key) != shard_info.get(key):
+            return f"{key} {shard_info.get(key)} vs the model's {model_info.get(key)}"
+
+    def described(info):
+        return {k: v for k, v in (info.get("details") or {}).items() if k != "spec"}
+
+    if described(model_info) != described(shard_info):
+        diff = sorted(k for k in described(model_info).keys() | described(shard_info).keys()
+                      if described(model_info).get(k) != described(shard_info).get(k))
+        return f"the tokenizers differ in {', '.join(diff)}"
+    a, b = model_info.get("spec_resolved") or model_info.get("spec"), shard_info.get("spec_resolved") or shard_info.get("spec")
+    if a != b:
+        da, db = weights_digest(a), weights_digest(b)
+        if da and db and da != db:
+            return "the tokenizers' weights differ"
+    return None
+
+
+def _cast_parameters(model, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to `device`, parameters in `dtype` one at a time (the host never holds a second copy); buffers
+    keep their dtype (RoPE's inverse frequencies stay fp32, as in training)."""
+    for p in model.parameters():
+        p.data = p.data.to(device, dtype)
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+
+
+def _load_whole(p: Path):
+    """(model on the host in fp32, tokenizer info or None)."""
     from transformers import LlamaForCausalLM
 
     from lvm.train.checkpoint import CheckpointError
     from lvm.train.export import load_fp32_model
 
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"--checkpoint {p} does not exist")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if is_hf_folder(p):
-        model = LlamaForCausalLM.from_pretrained(str(p))
+        model = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32)
         info_file = p / "lvm_tokenizer.json"
     else:
         try:
@@ -48,10 +132,61 @@ def load_model(path: str | Path, device: torch.device | None = None):
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise ModelLoadError(f"--checkpoint {p}: no model there ({e})") from None
         info_file = run_dir / "tokenizer.json"
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = model.to(device, dtype).eval()
     info = json.loads(info_file.read_text()) if info_file.is_file() else None
     return model, info
+
+
+def load_model(path: str | Path, device: torch.device | None = None, attention: str = "auto"):
+    """(LlamaForCausalLM in eval mode on `device`, tokenizer info dict or None).
+
+    Under an initialised process group of several ranks every rank must call it: rank 0 loads, the others
+    receive (`lvm.eval.model_io` docstring). A load error on rank 0 is raised on every rank."""
+    import torch.distributed as dist
+
+    from lvm.model.attention import resolve_attention
+
+    p = Path(path)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(device)
+    impl = resolve_attention(attention, device, dtype)[0]
+    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not shared:
+        if not p.exists():
+            raise ModelLoadError(f"--checkpoint {p} does not exist")
+        model, info = _load_whole(p)
+        _cast_parameters(model, device, dtype)
+        model.set_attn_implementation(impl)
+        return model.eval(), info
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rank = dist.get_rank()
+    model = info = None
+    head: list = [None]
+    if rank == 0:
+        try:
+            if not p.exists():
+                raise ModelLoadError(f"--checkpoint {p} does not exist")
+            model, info = _load_whole(p)
+            head = [{"config": model.config.to_dict(), "info": info}]
+        except (ModelLoadError, FileNotFoundError, ValueError) as e:
+            head = [{"error": str(e)}]
+    dist.broadcast_object_list(head, src=0, device=device if device.type == "cuda" else None)
+    if "error" in head[0]:
+        raise ModelLoadError(head[0]["error"])
+    if rank == 0:
+        _cast_parameters(model, device, dtype)
+    else:
+        info = head[0]["info"]
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig.from_dict(head[0]["config"]))
+        for prm in model.parameters():
+            prm.data = prm.data.to(dtype)
+        model = model.to_empty(device=device)
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t.data, src=0)
+    model.set_attn_implementation(impl)
+    return model.eval(), info
 
 
 def run_folder(path: str | Path) -> Path | None:

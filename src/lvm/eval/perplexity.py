@@ -1,15 +1,23 @@
 """Perplexity of visual sentences: overall, per data kind, vs number of context frames, and vs
 number of in-context example pairs.
 
-Every sentence is scored alone as `[BOS] tokens [EOS]` (cut to the model's window), one forward pass
-each, over target tokens only (everything after BOS). From the same per-token losses:
+Every sentence is scored alone as `[BOS] tokens [EOS]`, over target tokens only (everything after BOS).
+A model with a window of W positions predicts W targets: the input is the first W tokens of the
+sentence and the targets are the tokens after each, so the first W + 1 tokens take part. A 16-frame
+video is 1 + 16 x 256 + 1 = 4098 tokens: with the paper's W = 4096 its 4096 inputs (BOS and 4095 image
+tokens) predict all 4096 image tokens, the 16th frame's last one from position 4095, and only EOS falls
+outside. So the context-frames curve reaches 15 frames, as in LVM's figure (1 -> 15), with no position
+past the window and nothing dropped from the prompt (cutting BOS instead would condition on a sentence
+start the model never saw without it). Scoring W - 1 targets, as a window cut to W tokens would, stops
+the curve at 14. One forward pass per batch of sentences of similar length.
 
+From the same per-token losses:
 - context frames: for `video` and `sequence` sentences, image j (0-based) is scored given the j
   images before it; k = j is its number of context frames (the paper's figure: 1 -> 15 frames);
 - context pairs: for `pairs` sentences x1, y1, ..., xn, yn, annotation y_j is scored given the
   j-1 complete example pairs before it (and its own x_j).
-Only images that lie entirely inside the window count. Results are sums of NLL and token counts,
-so ranks can score disjoint slices and add them up.
+Only images whose every token is a target count. Results are sums of NLL and token counts, so ranks
+can score disjoint slices and add them up.
 """
 
 from __future__ import annotations
@@ -55,20 +63,22 @@ class Sums:
 
 
 def sentence_ids(table: ShardSet, i: int, window: int) -> np.ndarray:
-    return np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])[:window]
+    """The first window + 1 tokens of `[BOS] tokens [EOS]`: `window` inputs and the target after each."""
+    return np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])[: window + 1]
 
 
 @torch.no_grad()
 def token_losses(model, seqs: list[np.ndarray], device) -> list[np.ndarray]:
-    """Per-token NLL of tokens 1..n-1 of each sequence (right-padded batch, causal: no mask needed)."""
-    n = max(len(s) for s in seqs)
+    """Per-token NLL of tokens 1..n-1 of each sequence, from inputs 0..n-2 (right-padded batch, causal:
+    no mask needed, a row's padding comes after all its targets)."""
+    n = max(len(s) for s in seqs) - 1
     ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
-    labels = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.from_numpy(s)
-        labels[r, : len(s)] = torch.from_numpy(s)
+        ids[r, : len(s) - 1] = torch.from_numpy(s[:-1])
+        targets[r, : len(s) - 1] = torch.from_numpy(s[1:])
     logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.to(device), ignore_index=IGNORE_INDEX, reduction="none")
     nll = nll.cpu().numpy()
     return [nll[r, : len(s) - 1] for r, s in enumerate(seqs)]
 
@@ -95,7 +105,8 @@ def score(model, table: ShardSet, window: int, batch_size: int = 4, rank: int = 
             kind = KINDS[kinds[i]]
             sums.add("all", float(nll.sum()), len(nll))
             sums.add(f"kind/{kind}", float(nll.sum()), len(nll))
-            # nll[t] scores token t+1 of the sequence; image j occupies tokens 1 + 256 j ... 256 (j+1)
+            # nll[t] scores token t+1 of the sequence; image j occupies tokens 1 + 256 j ... 256 (j+1),
+            # all of them targets when 256 (j+1) <= len(s) - 1 (at most the window)
             n_full = min(int(n_images[i]), (len(s) - 1) // TOKENS_PER_IMAGE)
             for j in range(n_full):
                 part = nll[j * TOKENS_PER_IMAGE : (j + 1) * TOKENS_PER_IMAGE]
