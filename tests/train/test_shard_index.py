@@ -127,3 +127,17 @@ def test_truncated_shard_is_named(folder):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ShardError, match="u-00002.arrow"):
         open_shards(folder)
+
+
+def test_many_shards_are_opened_by_reader_threads(tmp_path):
+    rng = np.random.default_rng(0)
+    for s in range(300):  # more than one part of 256: the threaded path
+        write_shard(tmp_path / f"s-{s:04d}.arrow", [{"tokens": rng.integers(0, 8192, 256, dtype=np.uint16), "n_images": 1,
+                                                     "kind": "image", "id": str(s)}])
+    shards = open_shards(tmp_path)
+    assert shards.n_shards == 300 and len(shards) == 300 and shards.max_token.max() < 8192
+    w = SourceWindows(shards, 258 * 4, "sentence", 0)
+    assert w.per_epoch == 300  # packing is per shard: a window never mixes shards
+    assert sorted(w.bin_sentences(1, p)[0] for p in range(300)) == list(range(300))
+    c = SourceWindows(shards, 258 * 4, "concat", 0)
+    assert c.per_epoch == 75 and sorted(c.read_position(0, i) for i in range(75)) == list(range(75))

@@ -9,7 +9,9 @@ Every sentence becomes `[BOS] tokens [EOS]`. Two ways to fill `seq_len`-token wi
   restart at 0 for every sentence, so attention never crosses sentences, and the first token of each
   sentence is not a target (it would be predicted from the previous one). Packing works per shard, from
   the shard's counts of sentences per length (recorded when it was written), so the number of windows
-  of every shard is known before any shard is read.
+  of every shard is known before any shard is read. A window never mixes shards: a shard's partly
+  filled windows are not topped up from other shards (negligible for shards of thousands of
+  sentences; a folder of one-sentence shards would get a window per sentence).
 
 The shuffle and what it mixes. Its state is O(number of shards); window w of epoch e is computed
 directly (no pass over earlier windows), so a resumed run is exact and resuming costs nothing:
@@ -39,14 +41,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from lvm.data.shards import READ_THREADS, ShardError, ShardSet
+from lvm.data.shards import ShardError, ShardSet, read_in_threads
 from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 
 PACKING_MODES = ("concat", "sentence")
@@ -224,8 +225,7 @@ class SourceWindows:
                 raise ValueError(f"{shards.folder}: the data holds {total} tokens, fewer than one window of {seq_len}")
             span = CHUNK_SHARDS
         else:
-            with ThreadPoolExecutor(READ_THREADS) as pool:  # per-shard counts: file headers, I/O bound
-                counts = list(pool.map(self._stream_counts, range(S)))
+            counts = read_in_threads(self._stream_counts, list(range(S)))  # index entries or shard headers
             self.unit = np.array([n_bins(tuple(sorted(c.items())), seq_len) for c in counts], np.int64)
             self.per_epoch = int(self.unit.sum())
             span = max(1, LAYOUT_SENTENCES // max(1, int(shards.sentences.max())))

@@ -205,6 +205,15 @@ class Shard:
         return shard_stats(self.values[o0:o1], self.offsets, n_img, self.table.column("kind"))
 
 
+def read_in_threads(fn, items: list, part: int = 256) -> list:
+    """[fn(x) for x in items] on READ_THREADS threads, in parts: per-shard file reads are I/O bound."""
+    if len(items) <= part:
+        return [fn(x) for x in items]
+    parts = [items[k : k + part] for k in range(0, len(items), part)]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return [y for ys in pool.map(lambda p: [fn(x) for x in p], parts) for y in ys]
+
+
 def shard_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -391,8 +400,7 @@ def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bo
     kind_counts = np.zeros((n, len(KINDS)), np.int64)
     length_counts: list = [None] * n
     scanned = 0
-    with ThreadPoolExecutor(READ_THREADS) as pool:  # sizes and headers of many files: I/O bound
-        recorded = list(pool.map(lambda f: _recorded(f, index.get(f.name)), files))
+    recorded = read_in_threads(lambda f: _recorded(f, index.get(f.name)), files)  # sizes, maybe headers
     for j, (f, rec) in enumerate(zip(files, recorded, strict=True)):
         if rec is None:  # a shard written before counts were recorded: one pass over it
             rec = Shard(f, random_access=False).scan()
