@@ -16,7 +16,7 @@ WORKERS   ?= 2
 SEED      ?= 0
 SHARD_ARGS = $(foreach i,$(INPUT),--input '$(i)') --out $(SHARDS) --workers $(WORKERS) --seed $(SEED)
 
-.PHONY: venv test demo shards corpus bench lint clean
+.PHONY: venv test demo shards corpus bench lint clean gpu-check
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ demo: venv
 
 bench: venv
 	set -e; for b in bench/bench_*.py; do $(PY) $$b; done
+
+# what only a GPU can show, in one table (~8 minutes on one H100; docs/benchmarks.md); one line and exit 2 without a GPU
+gpu-check: venv
+	@$(PY) bench/gpu_check.py
 
 lint: venv
 	$(PY) -m ruff check src data_prep launch tests bench

@@ -1,0 +1,556 @@
+#!/usr/bin/env python
+"""`make gpu-check`: what only a GPU can show, in one command (about 8 minutes on one H100), one table.
+
+    python bench/gpu_check.py [--out runs/gpu_check] [--md docs/benchmarks.md] [--budget-s 470]
+    python bench/gpu_check.py --smoke      the same steps on the CPU with the tiny model and a few steps:
+                                           checks this script's plumbing; its numbers mean nothing
+
+1. Training throughput and MFU of the 300m and 1b presets at seq 4096, bf16, ZeRO-2 on one GPU, for each
+   attention/kernel option installed (sdpa; flash-attention-2; Liger kernels; torch.compile; all together),
+   each a real `launch/pretrain.py` run on random tokens, measured by the trainer itself (its last logging
+   window; the process is stopped after it, so no checkpoint is written). The sdpa and the fastest
+   combination of each model run first; single options follow while the time budget lasts.
+2. VQGAN encode images/s in bf16 at batch 64 (`bench_webdataset.gpu_vqgan_row`), and `make shards` end to
+   end on the GPU (the learning corpus below, patch-kmeans fitted then encoded on the GPU).
+3. Planned vs measured peak memory of every training run of 1 (`bench_plan.planned`: the planner's
+   max_memory_allocated / max_memory_reserved for that setting vs the trainer's torch.cuda counters).
+   `python bench/bench_plan.py --gpu` checks the planner's whole matrix (ZeRO-2/3 x checkpointing x micro-batch).
+4. Evaluate (`launch/evaluate.py`, also under torchrun with 2 processes where 2 GPUs exist) and generate
+   (`launch/generate.py`) on the GPU, with the model of 5.
+5. A learning proof: the 100m preset trained for about 110 seconds on a corpus of 800 synthetic videos of
+   16 frames (moving shapes; 40 held out by make_shards' split), then the held-out perplexity of the next
+   frame vs the number of context frames (0 ... 15). It should fall clearly with context (the paper:
+   62.1 -> 48.4 from 1 to 11 frames); the tiny CPU demo cannot show this (it stays at the unigram loss).
+
+Writes OUT/gpu_check.json (every number), OUT/gpu_check.md (the table), and the table into
+docs/benchmarks.md between the gpu-check markers. Exits 2 with one line where no GPU is visible, 1 when a
+step failed (its row says why), else 0. Goals are in the notes, not in the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import print_table  # noqa: E402
+
+BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+GIB = 2**30
+
+
+@dataclass
+class Sizes:
+    """What each step runs; `smoke` shrinks everything to check the plumbing on a CPU."""
+
+    models: tuple = (("300m", 4), ("1b", 2))  # (preset, micro-batch) of the throughput runs
+    seq: int = 4096
+    steps: int = 20
+    log_every: int = 10
+    corpus_videos: int = 800
+    learn_model: str = "100m"
+    learn_micro: int = 8
+    learn_seconds: float = 110.0
+    learn_log_every: int = 50
+    learn_lr: str = "1e-3"
+    precision: str = "bf16"
+    workers: int = 8
+    options: tuple = ("sdpa", "flash_attention_2", "liger", "compile", "all")
+
+
+SMOKE = Sizes(models=(("tiny", 2),), seq=512, steps=4, log_every=2, corpus_videos=40, learn_model="tiny", learn_micro=2,
+              learn_seconds=5.0, learn_log_every=1, learn_lr="2e-3", precision="fp32", workers=2, options=("sdpa",))
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)  # [section, measure, value, note]
+    data: dict = field(default_factory=dict)
+    failed: list = field(default_factory=list)
+
+    def row(self, section: str, measure: str, value: str, note: str = "") -> None:
+        self.rows.append([section, measure, value, note])
+        print(f"[gpu-check] {section} | {measure} | {value} | {note}", flush=True)
+
+    def fail(self, section: str, measure: str, why: str) -> None:
+        self.failed.append(f"{section}: {measure}")
+        self.row(section, measure, "failed", why[:200])
+
+
+def no_gpu_reason() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("make gpu-check needs a CUDA GPU and none is visible here (torch.cuda.is_available() is False); "
+                "run it on a GPU machine")
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process whose output lines are kept (and logged to a file) as they come."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
+        self.lines: queue.Queue = queue.Queue()
+        self.out: list[str] = []
+        self.t0 = time.perf_counter()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log.open("w")
+        self.log.write("$ " + " ".join(cmd) + "\n")
+        self.p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.log.write(line)
+            self.log.flush()
+            self.out.append(line.rstrip("\n"))
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next output line; '' when none came within `timeout`; None at the end of the output."""
+        try:
+            return self.lines.get(timeout=max(timeout, 0.01))
+        except queue.Empty:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            rc = self.p.wait()
+        self.reader.join(timeout=5)
+        self.log.close()
+        return rc
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def tail(self, n: int = 3) -> str:
+        return " / ".join(x.strip() for x in self.out[-n:] if x.strip())
+
+
+def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, float, Proc]:
+    p = Proc(cmd, log, env)
+    rc = p.wait(timeout)
+    return rc, p.seconds(), p
+
+
+# ---------------------------------------------------------------------------------------------- data
+def random_source(folder: Path, sentences: int, frames: int = 16, seed: int = 0) -> Path:
+    """A training source of random video sentences (throughput only), with the tokenizer.json training reads."""
+    from lvm.data.shards import write_shard
+
+    rng = np.random.default_rng(seed)
+    rows = [{"tokens": rng.integers(0, 8192, 256 * frames, dtype=np.uint16), "n_images": frames, "kind": "video",
+             "id": f"random-{i}"} for i in range(sentences)]
+    write_shard(folder / "train" / "random-00000.arrow", rows)
+    (folder / "tokenizer.json").write_text(json.dumps({"spec": "random", "kind": "random", "codebook_size": 8192,
+                                                      "image_size": 256, "tokens_per_image": 256,
+                                                      "details": {"kind": "random tokens (throughput only)"}}))
+    return folder
+
+
+def _write_videos(job: tuple) -> int:
+    root, indices, seed, frames = job
+    from lvm.data.synth import background, random_shapes, render, write_video
+
+    for i in indices:
+        rng = np.random.default_rng([seed, i])
+        bg, shapes = background(rng), random_shapes(rng, moving=True)
+        write_video([render(bg, shapes, t)[0] for t in range(frames)], Path(root) / "videos" / f"clip_{i:05d}.mp4")
+    return len(indices)
+
+
+def video_corpus(root: Path, n: int, workers: int, seed: int = 0, frames: int = 16) -> Path:
+    """n synthetic videos (moving, rotating shapes on textured backgrounds: `lvm.data.synth`), and their manifest."""
+    from lvm.data.manifest import manifest_from_tree, write_manifest
+
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root), list(range(k, n, workers)), seed, frames) for k in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        assert sum(pool.map(_write_videos, jobs)) == n
+    write_manifest(manifest_from_tree(root), root / "manifest.jsonl")
+    return root / "manifest.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------- 1 + 3
+def option_flags(option: str, have_flash: bool, have_liger: bool) -> list[str] | None:
+    """pretrain.py flags of an option; None when it is not available here."""
+    attention = ["--attention", "flash_attention_2" if have_flash else "sdpa"]
+    if option == "sdpa":
+        return ["--attention", "sdpa"]
+    if option == "flash_attention_2":
+        return ["--attention", "flash_attention_2"] if have_flash else None
+    if option == "liger":
+        return [*attention, "--kernels", "liger"] if have_liger else None
+    if option == "compile":
+        return [*attention, "--compile"]
+    if option == "all":
+        flags = [*attention, "--compile"] + (["--kernels", "liger"] if have_liger else [])
+        return flags if (have_flash or have_liger) else None  # else the same as "compile"
+    raise ValueError(option)
+
+
+def describe_option(flags: list[str]) -> str:
+    parts = [flags[flags.index("--attention") + 1]]
+    if "--kernels" in flags:
+        parts.append("liger")
+    if "--compile" in flags:
+        parts.append("compile")
+    return " + ".join(parts)
+
+
+def throughput_run(model: str, micro: int, flags: list[str], data: Path, out: Path, sz: Sizes, timeout: float) -> dict:
+    """One pretrain.py run; stopped once its last step is logged. The trainer's own numbers of its last window."""
+    import shutil
+
+    run_dir = out / "runs" / f"{model}-{describe_option(flags).replace(' + ', '-')}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "launch/pretrain.py", "--model", model, "--data", str(data), "--output", str(run_dir),
+           "--ds_config", "ds_configs/zero2.json", "--seq-len", str(sz.seq), "--micro-batch", str(micro),
+           "--grad-accum", "1", "--max-steps", str(sz.steps), "--lr-schedule", "constant", "--warmup-steps", "0",
+           "--lr", "1e-4", "--log-every", str(sz.log_every), "--eval-every", "0", "--save-every", str(10**9),
+           "--resume", "none", "--precision", sz.precision, *flags]
+    p = Proc(cmd, out / "logs" / f"{run_dir.name}.log", {"MASTER_PORT": str(free_port())})
+    deadline = time.perf_counter() + timeout
+    last = f"step {sz.steps}/{sz.steps} "
+    done = False
+    while time.perf_counter() < deadline:
+        line = p.next_line(deadline - time.perf_counter())
+        if line is None:
+            break
+        if last in line:  # the last window is in metrics.jsonl (written before the console line)
+            done = True
+            break
+    p.signal(signal.SIGKILL)  # the end-of-training checkpoint is not part of the measurement
+    p.wait(30)
+    rows = []
+    if (run_dir / "metrics.jsonl").is_file():
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("split") == "train"]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    notes = [x.split("] ", 1)[-1] for x in p.out if "] attention:" in x or "] kernels:" in x or "] compile:" in x
+             or "--attention" in x or "--kernels" in x or "--compile" in x]
+    if not done or not rows:
+        return {"ok": False, "why": p.tail() if p.p.returncode not in (None, -signal.SIGKILL) else "no last step within the time limit",
+                "seconds": p.seconds()}
+    r = rows[-1]
+    return {"ok": True, "tokens_per_s": r.get("tokens_per_s"), "mfu": r.get("mfu"), "tflops_per_s": r.get("tflops_per_s"),
+            "max_allocated": (r.get("memory_gib") or 0) * GIB, "max_reserved": (r.get("memory_reserved_gib") or 0) * GIB,
+            "loss": r.get("loss"), "windows": [(x["step"], x.get("tokens_per_s"), x.get("mfu")) for x in rows],
+            "notes": notes, "seconds": p.seconds()}
+
+
+def planned_memory(model: str, micro: int, seq: int, attention: str, dtype: str) -> tuple[float, float]:
+    from bench_plan import planned
+
+    plan = planned({"stage": 2, "ckpt": False, "micro_batch": micro, "packing": "concat", "attention": attention}, model, seq, dtype)
+    return plan.memory.allocated, plan.memory.reserved
+
+
+def step_throughput(rep: Report, out: Path, sz: Sizes, deadline: float, cuda: bool) -> None:
+    have_flash = importlib.util.find_spec("flash_attn") is not None
+    have_liger = importlib.util.find_spec("liger_kernel") is not None
+    rep.data["installed"] = {"flash_attn": have_flash, "liger_kernel": have_liger}
+    data = random_source(out / "random_tokens", sentences=64 if cuda else 8)
+    combos = []  # (model, micro, option, flags): the sdpa and fastest runs of each model first
+    first = [o for o in ("sdpa", "all" if option_flags("all", have_flash, have_liger) else "compile") if o in sz.options]
+    for model, micro in sz.models:
+        for option in first:
+            combos.append((model, micro, option, option_flags(option, have_flash, have_liger)))
+    for model, micro in sz.models:
+        for option in sz.options:
+            flags = option_flags(option, have_flash, have_liger)
+            if option not in first and flags is not None:
+                combos.append((model, micro, option, flags))
+    for option in sz.options:
+        if option_flags(option, have_flash, have_liger) is None:
+            why = {"flash_attention_2": "flash-attn is not installed", "liger": "liger-kernel is not installed",
+                   "all": "neither flash-attn nor liger-kernel is installed (same as compile)"}[option]
+            rep.row("1 train", f"option {option}", "n/a", why)
+    results = rep.data.setdefault("throughput", [])
+    per_run = 240.0 if cuda else 600.0
+    for model, micro, option, flags in combos:
+        label = f"{model}, {describe_option(flags)}, micro {micro}"
+        if time.perf_counter() + 45 > deadline:
+            rep.row("1 train", label, "skipped", "time budget spent")
+            continue
+        r = throughput_run(model, micro, flags, data, out, sz, min(per_run, deadline - time.perf_counter()))
+        r.update(model=model, micro=micro, option=option, flags=flags)
+        results.append(r)
+        if not r["ok"]:
+            rep.fail("1 train", label, r["why"])
+            continue
+        mfu = f"MFU {r['mfu']:.1%}" if r.get("mfu") is not None else "MFU n/a (no bf16 peak)"
+        goal = "; goal MFU >= 50%" if model == "1b" else ""
+        rep.row("1 train", f"{label}, seq {sz.seq}, {sz.precision}, ZeRO-2",
+                f"{r['tokens_per_s']:,.0f} tok/s", f"{mfu}, {r['tflops_per_s']:.0f} TFLOP/s{goal}; " + "; ".join(r["notes"])[:160])
+        if cuda:
+            attention = "flash_attention_2" if "flash_attention_2" in flags else "sdpa"
+            pa, pr = planned_memory(model, micro, sz.seq, attention, sz.precision)
+            r.update(planned_allocated=pa, planned_reserved=pr)
+            ea, er = pa / r["max_allocated"] - 1, pr / r["max_reserved"] - 1
+            rep.row("3 memory", label, f"planned {pa / GIB:.2f} / measured {r['max_allocated'] / GIB:.2f} GiB allocated",
+                    f"{ea:+.1%}; reserved planned {pr / GIB:.2f} / measured {r['max_reserved'] / GIB:.2f} GiB ({er:+.1%}); goal within 10%")
+
+
+# ---------------------------------------------------------------------------------------------- 2
+def step_encode_and_shards(rep: Report, out: Path, sz: Sizes, cuda: bool) -> tuple[Path, Path] | None:
+    """VQGAN encode rate; the learning corpus and `make shards` on it. (shards, manifest) or None."""
+    if cuda:
+        try:
+            from bench_webdataset import gpu_vqgan_row
+
+            measure, value, note = gpu_vqgan_row()
+            rep.row("2 offline", measure, value, note)
+        except Exception as e:  # noqa: BLE001 - the table says what broke, the other steps go on
+            rep.fail("2 offline", "VQGAN bf16 encode", f"{type(e).__name__}: {e}")
+    corpus = out / "video_corpus"
+    shards = out / "video_shards"
+    import shutil
+
+    shutil.rmtree(shards, ignore_errors=True)
+    t = time.perf_counter()
+    manifest = video_corpus(corpus, sz.corpus_videos, max(2, min(16, os.cpu_count() or 2)))
+    rep.row("2 offline", f"synthetic video corpus ({sz.corpus_videos} videos x 16 frames)", f"{time.perf_counter() - t:.1f} s",
+            "lvm.data.synth shapes, libx264")
+    cmd = ["make", "-o", "venv", "-o", ".venv/.installed", "shards", f"PY={sys.executable}", f"INPUT={manifest}",
+           f"SHARDS={shards}", f"WORKERS={sz.workers}"]
+    rc, dt, p = run(cmd, out / "logs" / "make_shards.log", timeout=600)
+    if rc != 0 or not (shards / "report.json").is_file():
+        rep.fail("2 offline", "make shards", p.tail())
+        return None
+    report = json.loads((shards / "report.json").read_text())
+    w = report["written"]
+    images = w["train"]["images"] + w["val"]["images"]
+    device = "cuda" if cuda else "cpu"
+    rep.row("2 offline", f"make shards end to end (fit patch-kmeans, encode on {device})", f"{images / dt:,.0f} img/s",
+            f"{images} images in {dt:.1f} s; {w['val']['sentences']} held-out videos; {sz.workers} decode workers")
+    rep.data["shards"] = {"images": images, "seconds": dt, "val_sentences": w["val"]["sentences"]}
+    return shards, manifest
+
+
+# ---------------------------------------------------------------------------------------------- 4 + 5
+def step_learn_eval_generate(rep: Report, out: Path, sz: Sizes, shards: Path, manifest: Path, cuda: bool) -> None:
+    import shutil
+
+    import torch
+
+    run_dir = out / "runs" / f"learn-{sz.learn_model}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "launch/pretrain.py", "--model", sz.learn_model, "--data", str(shards), "--output", str(run_dir),
+           "--ds_config", "ds_configs/zero2.json", "--seq-len", str(sz.seq), "--micro-batch", str(sz.learn_micro),
+           "--max-steps", str(10**6), "--lr-schedule", "constant", "--warmup-steps", "50" if cuda else "1",
+           "--lr", sz.learn_lr, "--log-every", str(sz.learn_log_every), "--eval-every", "0", "--save-every", str(10**9),
+           "--resume", "none", "--precision", sz.precision, "--seed", "0"]
+    p = Proc(cmd, out / "logs" / "learn.log", {"MASTER_PORT": str(free_port())})
+    start = time.perf_counter()
+    stepped = False
+    while True:  # train for learn_seconds of wall time (and at least one logged step), then SIGTERM: save and stop
+        line = p.next_line(1.0)
+        if line is None:
+            break
+        if "] step " in line:
+            stepped = True
+        if stepped and time.perf_counter() - start >= sz.learn_seconds:
+            p.signal(signal.SIGTERM)
+            break
+        if time.perf_counter() - start > sz.learn_seconds + 300:
+            break
+    rc = p.wait(300)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").is_file() else []
+    rows = [r for r in rows if r.get("split") == "train" and r.get("loss") is not None]
+    if rc != 0 or not rows or not (run_dir / "checkpoints" / "latest").is_file():
+        rep.fail("5 learning", f"{sz.learn_model} training", p.tail())
+        return
+    tps = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]
+    rep.row("5 learning", f"{sz.learn_model} on the video corpus, seq {sz.seq}, micro {sz.learn_micro}, lr {sz.learn_lr} constant",
+            f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}",
+            f"{rows[-1]['step']} steps in {p.seconds():.0f} s ({np.median(tps):,.0f} tok/s); stopped by SIGTERM, checkpoint saved")
+    rep.data["learning"] = {"train": [(r["step"], r["loss"]) for r in rows], "seconds": p.seconds()}
+
+    ev = out / "eval"
+    rc, dt, pe = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(run_dir), "--data", str(shards), "--split", "val",
+                      "--out", str(ev), "--batch-size", "8" if cuda else "2"], out / "logs" / "evaluate.log", timeout=600)
+    if rc != 0 or not (ev / "eval.json").is_file():
+        rep.fail("4 eval", "launch/evaluate.py", pe.tail())
+        return
+    res = json.loads((ev / "eval.json").read_text())
+    rep.row("4 eval", "launch/evaluate.py (held-out videos, 1 process)", f"{dt:.1f} s",
+            f"perplexity {res['perplexity']:.1f} over {res['tokens']:,} tokens")
+    curve = {int(k): v for k, v in res["perplexity_by_context_frames"].items()}
+    rep.data["learning"]["perplexity_by_context_frames"] = curve
+    if curve:
+        ks = sorted(curve)
+        shown = ", ".join(f"{k}: {curve[k]:.1f}" for k in ks)
+        falls = len(ks) > 2 and curve[ks[-1]] < 0.9 * curve[1] and curve[1] < curve[0]
+        rep.row("5 learning", "held-out next-frame perplexity vs context frames", shown,
+                ("falls with context" if falls else "does NOT fall clearly") + " (paper: 62.1 -> 48.4 from 1 to 11)")
+        rep.data["learning"]["falls"] = bool(falls)
+    if cuda and torch.cuda.device_count() >= 2:
+        ev2 = out / "eval_2proc"
+        rc, dt, p2 = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          "launch/evaluate.py", "--checkpoint", str(run_dir), "--data", str(shards), "--split", "val",
+                          "--out", str(ev2), "--batch-size", "8"], out / "logs" / "evaluate_2proc.log", timeout=600)
+        if rc != 0 or not (ev2 / "eval.json").is_file():
+            rep.fail("4 eval", "evaluate.py under torchrun, 2 processes", p2.tail())
+        else:
+            two = json.loads((ev2 / "eval.json").read_text())
+            same = abs(two["perplexity"] / res["perplexity"] - 1) < 1e-3
+            rep.row("4 eval", "launch/evaluate.py under torchrun, 2 GPUs", f"{dt:.1f} s",
+                    f"perplexity {two['perplexity']:.2f} ({'equals' if same else 'DIFFERS from'} 1 process)")
+    else:
+        rep.row("4 eval", "launch/evaluate.py under torchrun, 2 GPUs", "n/a", "one GPU here")
+    prompt = prompt_frames(shards, manifest, out / "prompt", n=4)
+    if prompt is None:
+        rep.fail("4 generate", "prompt frames", "no held-out video to prompt with")
+        return
+    gen = out / "generated"
+    rc, dt, pg = run([sys.executable, "launch/generate.py", "--checkpoint", str(run_dir), "--prompt", *map(str, prompt),
+                      "--out", str(gen), "--temperature", "0.8", "--top-k", "50", "--seed", "0"],
+                     out / "logs" / "generate.log", timeout=600)
+    if rc != 0 or not (gen / "generated_0.png").is_file():
+        rep.fail("4 generate", "launch/generate.py", pg.tail())
+        return
+    rep.row("4 generate", "launch/generate.py: next frame of a held-out video from 4 frames", f"{dt:.1f} s",
+            f"{gen / 'grid.png'} (includes loading the model and the tokenizer)")
+
+
+def prompt_frames(shards: Path, manifest: Path, folder: Path, n: int) -> list[Path] | None:
+    """The first n frames of the first held-out video, as PNG files."""
+    from PIL import Image
+
+    from lvm.data.decode import decode_sentence
+    from lvm.data.manifest import read_manifest
+    from lvm.data.shards import load_sentences
+
+    val = load_sentences(shards / "val")
+    ids = [str(i) for i, k in zip(val.ids, val.kinds, strict=True) if k == "video"]
+    if not ids:
+        return None
+    sentence = next(s for s in read_manifest(manifest).sentences if s.id == ids[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(decode_sentence(sentence)[:n]):
+        Image.fromarray(frame).save(folder / f"frame_{i}.png")
+        paths.append(folder / f"frame_{i}.png")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- output
+def environment() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    from lvm.train.metrics import device_peak_flops
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    peak = device_peak_flops("bf16", 0) if torch.cuda.is_available() else None
+    return {"gpu": gpu, "gpus": torch.cuda.device_count(), "bf16_peak_tflops": peak / 1e12 if peak else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+def markdown(rep: Report, env: dict, seconds: float) -> str:
+    head = (f"`make gpu-check` on {env['gpu']} ({env['gpus']} visible; bf16 peak {env['bf16_peak_tflops'] or 'n/a'} TFLOP/s), "
+            f"PyTorch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}, transformers {env['transformers']}, "
+            f"{env['cpus']} CPUs; {seconds:.0f} s in all.")
+    lines = [head, "", "| step | measure | value | note |", "| --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rep.rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def put_in_benchmarks(md_file: Path, table: str) -> None:
+    """The table between the gpu-check markers of docs/benchmarks.md (a GPU section is added if missing)."""
+    text = md_file.read_text() if md_file.is_file() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{table}{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## GPU check (`make gpu-check`)\n\n" + block + "\n"
+    write_atomic(md_file, text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/gpu_check", help="folder for logs, runs, the corpus and gpu_check.json/.md")
+    p.add_argument("--md", default="docs/benchmarks.md", help="markdown file that receives the table (between markers)")
+    p.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget; late throughput rows are skipped")
+    p.add_argument("--smoke", action="store_true", help="every step on the CPU, tiny sizes: checks the plumbing only")
+    a = p.parse_args(argv)
+    why = None if a.smoke else no_gpu_reason()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    sz = SMOKE if a.smoke else Sizes()
+    cuda = not a.smoke
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report()
+    env = environment()
+    rep.data["environment"] = env
+    deadline = t0 + a.budget_s
+    # the learning proof has a fixed length; the throughput runs take what is left of the budget, the sdpa and
+    # fastest run of each model first
+    made = step_encode_and_shards(rep, out, sz, cuda)
+    if made is not None:
+        step_learn_eval_generate(rep, out, sz, *made, cuda)
+    step_throughput(rep, out, sz, deadline, cuda)
+    seconds = time.perf_counter() - t0
+    rep.rows.sort(key=lambda r: r[0][0])  # by step number (the steps run in another order: see main)
+    rep.data.update(rows=rep.rows, failed=rep.failed, seconds=seconds, smoke=a.smoke)
+    write_atomic(out / "gpu_check.json", json.dumps(rep.data, indent=2, default=str))
+    table = markdown(rep, env, seconds)
+    write_atomic(out / "gpu_check.md", table)
+    print_table(f"GPU check on {env['gpu']} ({seconds:.0f} s)", ["step", "measure", "value", "note"], rep.rows)
+    if not a.smoke:
+        put_in_benchmarks(REPO / a.md if not Path(a.md).is_absolute() else Path(a.md), table)
+        print(f"wrote {out / 'gpu_check.json'}, {out / 'gpu_check.md'} and the GPU section of {a.md}")
+    else:
+        print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} (smoke run: {a.md} left alone)")
+    return 1 if rep.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

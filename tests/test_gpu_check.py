@@ -1,0 +1,51 @@
+"""`make gpu-check` without a GPU: one line and a non-zero exit; its table goes between the markers of
+docs/benchmarks.md and nowhere else; its option list follows what is installed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+gpu_check = pytest.importorskip("gpu_check")
+
+
+def test_without_a_gpu_one_line_and_exit_2():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: make gpu-check would run")
+    r = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: make gpu-check needs a CUDA GPU"), r.stderr
+    m = subprocess.run(["make", "-o", "venv", "-o", ".venv/.installed", "gpu-check", f"PY={sys.executable}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert m.returncode != 0 and lines[0] in m.stderr.splitlines()
+
+
+def test_table_replaces_only_the_marked_block(tmp_path):
+    md = tmp_path / "benchmarks.md"
+    md.write_text(f"# Benchmarks\n\nCPU table\n\n## GPU check\n\n{gpu_check.BEGIN}\nold\n{gpu_check.END}\n\nafter\n")
+    gpu_check.put_in_benchmarks(md, "| a | b |\n")
+    text = md.read_text()
+    assert "old" not in text and "| a | b |" in text and text.startswith("# Benchmarks\n\nCPU table") and text.endswith("\nafter\n")
+    gpu_check.put_in_benchmarks(md, "| c |\n")
+    assert md.read_text().count(gpu_check.BEGIN) == 1 and "| c |" in md.read_text() and "| a | b |" not in md.read_text()
+    fresh = tmp_path / "none.md"
+    fresh.write_text("# Benchmarks\n")
+    gpu_check.put_in_benchmarks(fresh, "| x |\n")
+    assert "## GPU check (`make gpu-check`)" in fresh.read_text() and "| x |" in fresh.read_text()
+    assert (REPO / "docs" / "benchmarks.md").read_text().count(gpu_check.BEGIN) == 1
+
+
+def test_options_follow_what_is_installed():
+    f = gpu_check.option_flags
+    assert f("sdpa", False, False) == ["--attention", "sdpa"]
+    assert f("flash_attention_2", False, True) is None and f("liger", True, False) is None
+    assert f("all", False, False) is None  # the same as compile
+    assert f("compile", True, False) == ["--attention", "flash_attention_2", "--compile"]
+    assert f("all", True, True) == ["--attention", "flash_attention_2", "--compile", "--kernels", "liger"]
+    assert gpu_check.describe_option(f("all", True, True)) == "flash_attention_2 + liger + compile"
