@@ -20,7 +20,7 @@ from common import print_table  # noqa: E402
 from lvm.data.mixture import DistributedLoader  # noqa: E402
 from lvm.data.packing import SourceWindows  # noqa: E402
 from lvm.data.shards import open_shards, write_shard  # noqa: E402
-from lvm.model.presets import count_parameters, flops_per_token, llama_config  # noqa: E402
+from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config  # noqa: E402
 from lvm.train.metrics import device_peak_flops  # noqa: E402
 from lvm.train.trainer import build_model, param_groups  # noqa: E402
 
@@ -116,7 +116,8 @@ def gpu_rows() -> list:
     for name, micro in (("300m", 4), ("1b", 2)):
         cfg = llama_config(name, 4096)
         torch.manual_seed(0)
-        model = build_model(cfg, {"zero_optimization": {"stage": 0}}, grad_ckpt=False)[0].cuda().to(torch.bfloat16)
+        model = build_model(cfg, {"zero_optimization": {"stage": 0}}, grad_ckpt=False,
+                            attention=attention_implementation())[0].cuda().to(torch.bfloat16)
         opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
         ids = torch.randint(0, 8192, (micro, 4096), device="cuda")
         dt = gpu_step_seconds(model, opt, ids)
