@@ -98,10 +98,11 @@ def main() -> int:
                 t0 = time.perf_counter()
                 name = elastic.convert_to_universal(ckpts, "step_00000001")
                 convert = time.perf_counter() - t0
+                sizes = mib(ckpts / "step_00000001"), mib(ckpts / name)  # the resume prunes the converted copy
                 out, wall = train(1, [*args, "--max-steps", "2"])
                 assert "re-partitioned" in out
-                rows.append([model, f"{n / 1e6:.1f}M", stage, mib(ckpts / "step_00000001"), mib(ckpts / name), convert,
-                             stamp(out, "resumed from"), stamp(out, r"step 2/2"), wall])
+                rows.append([model, f"{n / 1e6:.1f}M", stage, *sizes, convert, stamp(out, "resumed from"),
+                             stamp(out, r"step 2/2"), wall])
                 shutil.rmtree(run)
     print_table("Resume on another world size (2 ranks -> 1, CPU, fp32): universal conversion and load",
                 ["model", "params", "ZeRO", "checkpoint MiB", "universal MiB", "convert s", "to resumed s",

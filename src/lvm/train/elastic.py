@@ -28,7 +28,7 @@ from pathlib import Path
 from lvm.train import checkpoint as ckpt
 from lvm.train.ds_config import ConfigError, resolve, zero_stage
 
-CONVERT_TIMEOUT = timedelta(hours=6)  # ranks wait for rank 0's conversion this long (a 7B converts in minutes)
+CONVERT_TIMEOUT = timedelta(hours=6)  # how long the ranks wait for rank 0 to convert (bench/bench_resume.py times it)
 
 
 @dataclass
