@@ -337,7 +337,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             src_n.zero_()
             work = [0.0, 0.0, 0.0]
             throughput.reset()
-        if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps:
+        if opts.eval_every and step % opts.eval_every == 0 and step < opts.max_steps and not stop_now:  # grace time: save first
             validate()
         if stop_now:
             save(f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}")
