@@ -5,6 +5,8 @@
     python bench/gpu_check.py --smoke      the same steps on the CPU with the tiny model and a few steps:
                                            checks this script's plumbing; its numbers mean nothing
 
+0. Packed sentences stay apart on the GPU: for sdpa and (where installed) flash-attention-2 in bf16, the
+   logits of each sentence of a packed micro-batch of 3 rows equal those of the sentence alone.
 1. Training throughput and MFU of the 300m and 1b presets at seq 4096, bf16, ZeRO-2 on one GPU, for each
    attention/kernel option installed (sdpa; flash-attention-2; Liger kernels; torch.compile; all together),
    each a real `launch/pretrain.py` run on random tokens, measured by the trainer itself (its last logging
@@ -327,6 +329,60 @@ def step_throughput(rep: Report, out: Path, sz: Sizes, deadline: float, cuda: bo
                     f"{ea:+.1%}; reserved planned {pr / GIB:.2f} / measured {r['max_reserved'] / GIB:.2f} GiB ({er:+.1%}); goal within 10%")
 
 
+# ---------------------------------------------------------------------------------------------- packing
+def step_packing(rep: Report, out: Path, cuda: bool) -> None:
+    """Packed sentences stay apart on this device: for each attention implementation that runs here, the logits
+    of every sentence of a packed micro-batch of 3 rows equal those of the sentence run alone (and, as a
+    control, differ when the packing is not passed)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lvm.data.mixture import DistributedLoader
+    from lvm.data.packing import SourceWindows
+    from lvm.data.shards import open_shards, write_shard
+    from lvm.model.attention import flash_attn_unavailable, packed_attention_kwargs
+    from lvm.model.presets import llama_config
+    from lvm.model.vocab import BOS_ID, EOS_ID
+
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rng = np.random.default_rng(3)
+    folder = out / "packing"
+    rows = [{"tokens": rng.integers(0, 8192, 256 * k, dtype=np.uint16), "n_images": k, "kind": "video", "id": f"s{i}"}
+            for i, k in enumerate([1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 2])]
+    write_shard(folder / "part-000.arrow", rows)
+    b = DistributedLoader(SourceWindows(open_shards(folder), 800, "sentence", seed=0), micro_batch=3).next_batch()
+    ids, pos = b.input_ids.to(device), b.position_ids.to(device)
+    impls = ["sdpa"] + (["flash_attention_2"] if flash_attn_unavailable(device, dtype) is None else [])
+    for impl in impls:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM._from_config(llama_config("100m", 800), attn_implementation=impl).to(device, dtype).eval()
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False, **packed_attention_kwargs(pos, impl, dtype)).logits
+            worst, control, n = 0.0, 0.0, 0
+            plain = model(input_ids=ids, position_ids=pos, use_cache=False).logits if impl == "flash_attention_2" else None
+            for r in range(3):
+                row = b.input_ids[r].numpy()
+                for s in np.flatnonzero(row == BOS_ID):
+                    e = int(s) + int(np.flatnonzero(row[s:] == EOS_ID)[0]) + 1
+                    alone = model(input_ids=ids[r : r + 1, s:e], use_cache=False).logits[0]
+                    worst = max(worst, float((packed[r, s:e] - alone).abs().max()))
+                    if plain is not None:
+                        control = max(control, float((plain[r, s:e] - alone).abs().max()))
+                    n += 1
+        scale = float(packed.abs().max())
+        ok = worst <= max(0.02 * scale, 1e-4)  # bf16: masked and unmasked kernels round differently
+        if not ok:
+            rep.failed.append(f"packing under {impl}")
+        note = f"{'equal' if ok else 'NOT equal'} (bound 2% of the largest logit, {scale:.1f}); {n} sentences in 3 rows"
+        if plain is not None:
+            note += f"; without the varlen arguments: {control:.3f} (transformers' guess from position_ids, micro-batch > 1)"
+        rep.row("0 packing", f"packed sentences vs each alone, {impl}, {str(dtype).removeprefix('torch.')}",
+                f"max |diff| {worst:.4f}", note)
+        rep.data.setdefault("packing", {})[impl] = {"max_abs_diff": worst, "control": control, "sentences": n}
+        del model
+
+
 # ---------------------------------------------------------------------------------------------- 2
 def step_encode_and_shards(rep: Report, out: Path, sz: Sizes, cuda: bool) -> tuple[Path, Path] | None:
     """VQGAN encode rate; the learning corpus and `make shards` on it. (shards, manifest) or None."""
@@ -533,6 +589,7 @@ def main(argv=None) -> int:
     deadline = t0 + a.budget_s
     # the learning proof has a fixed length; the throughput runs take what is left of the budget, the sdpa and
     # fastest run of each model first
+    step_packing(rep, out, cuda)
     made = step_encode_and_shards(rep, out, sz, cuda)
     if made is not None:
         step_learn_eval_generate(rep, out, sz, *made, cuda)
