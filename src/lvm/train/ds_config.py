@@ -179,7 +179,9 @@ def choose_optimizer(ds: dict, opts, given: set[str]) -> None:
     section = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
     params = dict(section.get("params") or {})
     if section.get("type", "auto") in ("auto", None):
-        keep = {"lr", "weight_decay", *optimizers.EXTRA_PARAMS[name]}
+        # DeepSpeed's own switches of its AdamW implementation stay with AdamW
+        impl = {"torch_adam", "fused", "adam_w_mode"} if name == "adamw" else set()
+        keep = {"lr", "weight_decay", *optimizers.EXTRA_PARAMS[name], *impl}
         params = {k: v for k, v in params.items() if k in keep}
     params = {**optimizers.EXTRA_PARAMS[name], **params}
     params.setdefault("lr", "auto")
