@@ -3,7 +3,7 @@
 
 Writes synthetic shards of 100k, 1M and 10M single-image sentences (1M sentences per shard, with
 index.json and tokenizer.json as make_shards writes them), then for each size and packing mode:
-- time to the first training step and peak RSS of one rank: `launch/pretrain.py` (tiny model,
+- time to the first training step and peak RSS (VmHWM) of one rank: `launch/pretrain.py` (tiny model,
   seq 4096, ZeRO-2, CPU) as its own process, timed from its start to its `step 1/` line, and the part
   of it spent opening the data (the run's own `data: ... opened in` line);
 - window fetch time in a fresh process: consecutive global windows from 4 random places of the run
@@ -77,6 +77,17 @@ def evict(data: Path) -> None:
             os.close(fd)
 
 
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM of a process: its own peak RSS (ru_maxrss would also count the parent's memory at fork)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def first_step(data: Path, mode: str, run: Path, port: int) -> dict:
     """One rank of launch/pretrain.py: seconds to its first step, peak RSS, step-3 tokens/s."""
     cmd = [sys.executable, "launch/pretrain.py", "--data", str(data), "--output", str(run), "--model", "tiny",
@@ -87,24 +98,26 @@ def first_step(data: Path, mode: str, run: Path, port: int) -> dict:
     evict(data)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t_first, t_data, tail = None, None, []
+    t_first, t_data, tail, hwm = None, None, [], 0
     for line in proc.stdout:
         tail = (tail + [line])[-30:]
+        hwm = max(hwm, peak_rss_mb(proc.pid))  # a high-water mark: the last read before exit holds it
         if t_first is None and "step 1/" in line:
             t_first = time.perf_counter() - t0
         m = re.search(r"data: .* opened in ([0-9.]+)s", line)
         if m:
             t_data = float(m.group(1))
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or t_first is None:
         raise SystemExit(f"training run failed ({proc.returncode}):\n{''.join(tail)}")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {"first_step_s": t_first, "data_s": t_data, "peak_rss_mb": usage.ru_maxrss / 1024, "step_tps": rows[-1]["tokens_per_s"]}
+    return {"first_step_s": t_first, "data_s": t_data, "peak_rss_mb": hwm, "step_tps": rows[-1]["tokens_per_s"]}
 
 
 FETCH = """
-import json, sys, time, resource
+import json, sys, time
+from pathlib import Path
 import numpy as np
 from lvm.data.mixture import DistributedLoader
 from lvm.train.data_setup import build_windows, open_data
@@ -129,7 +142,9 @@ for _ in range(100):
 tps = 100 * 8 * {seq} / (time.perf_counter() - t)
 print(json.dumps({{"open_s": t_open, "per_epoch": w.per_epoch, "fetch_us": 1e6 * float(np.mean(seq_times)),
                   "fetch_p99_us": 1e6 * float(np.percentile(seq_times, 99)), "random_us": 1e6 * float(np.mean(rand_times)),
-                  "loader_tps": tps, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "loader_tps": tps,
+                  "rss_mb": int(next(x for x in Path("/proc/self/status").read_text().splitlines()
+                                     if x.startswith("VmHWM:")).split()[1]) / 1024}}))
 """
 
 
@@ -165,12 +180,12 @@ def main(argv=None) -> int:
                 got[(n, mode)] = r
                 rows.append([f"{n:,}", mode, f"{r['first_step_s']:.2f}", f"{r['data_s']:.3f}", f"{r['peak_rss_mb']:,.0f}",
                              f"{r['fetch_us']:.0f} / {r['fetch_p99_us']:.0f}", f"{r['random_us']:.0f}",
-                             f"{r['loader_tps'] / 1e6:.1f}M",
+                             f"{r['loader_tps'] / 1e6:.1f}M", f"{r['rss_mb']:,.0f}",
                              f"{r['loader_tps'] / r['step_tps']:,.0f}x", f"{r['loader_tps'] / GPU_ANCHOR:,.0f}x"])
                 print(f"  {mode}: {r}", file=sys.stderr, flush=True)
     print_table("Training data at scale (one rank; tiny model, seq 4096, CPU)",
                 ["sentences", "packing", "to 1st step s", "of it data s", "peak RSS MB", "fetch us mean/p99",
-                 "random g us", "loader tok/s", "vs CPU step", "vs 46k tok/s GPU"], rows)
+                 "random g us", "loader tok/s", "loader RSS MB", "vs CPU step", "vs 46k tok/s GPU"], rows)
     lo, hi = min(a.sizes), max(a.sizes)
     if lo != hi:
         summary = []

@@ -284,7 +284,7 @@ class SourceWindows:
     def _concat_window(self, e: int, p: int):
         L = self.seq_len
         perm, cum = self.epoch_layout(e)
-        out = np.empty(L, np.int64)
+        pieces = []  # (shard, a0, a1, begin, take): tokens [begin, begin+take) of [BOS] values[a0:a1] [EOS]
         pos, at = p * L, 0
         while at < L:
             j = int(np.searchsorted(cum, pos, side="right")) - 1
@@ -302,8 +302,15 @@ class SourceWindows:
                 n = a1 - a0 + 2
                 begin = ob - (int(ends[k]) - n)
                 take = min(n - begin, L - at)
-                _fill(out, at, shard.values, a0, a1, begin, take)
+                pieces.append((shard, a0, a1, begin, take))
                 at, pos, ob, k = at + take, pos + take, ob + take, k + 1
+        for shard, a0, a1, _, _ in pieces:  # the pieces are read from storage in parallel, not one by one
+            shard.willneed(a0, a1)
+        out = np.empty(L, np.int64)
+        at = 0
+        for shard, a0, a1, begin, take in pieces:
+            _fill(out, at, shard.values, a0, a1, begin, take)
+            at += take
         return out, out.copy(), None
 
     # --- sentence --------------------------------------------------------------------------------
@@ -357,8 +364,11 @@ class SourceWindows:
         ids = np.full(L, PAD_ID, np.int64)
         labels = np.full(L, IGNORE_INDEX, np.int64)
         pos_ids = np.zeros(L, np.int64)
+        members = members.tolist()
+        for i in members:  # read from storage in parallel, not one by one
+            shard.willneed(int(shard.offsets[i]), int(shard.offsets[i + 1]))
         at = 0
-        for i in members.tolist():
+        for i in members:
             a0, a1 = int(shard.offsets[i]), int(shard.offsets[i + 1])
             n = min(a1 - a0 + 2, L)
             _fill(ids, at, shard.values, a0, a1, 0, n)

@@ -163,12 +163,22 @@ class Shard:
         self.table = table
         self.offsets = arr.offsets.to_numpy() if len(arr) else np.zeros(1, np.int32)
         self.values = arr.values.to_numpy(zero_copy_only=False) if len(arr) else np.zeros(0, np.uint16)
+        self._mm, self._start = None, 0  # the mapping and where the token values start in it
         if random_access and self.values.nbytes and hasattr(mmap, "MADV_RANDOM"):
             start = arr.values.buffers()[1].address + arr.values.offset * 2 - pa.py_buffer(mm).address
             if 0 <= start < len(mm):  # the values live in the mapping (not a copy of combined chunks)
                 lo = start - start % mmap.PAGESIZE
                 mm.madvise(mmap.MADV_RANDOM, lo, min(len(mm), start + self.values.nbytes) - lo)
+                self._mm, self._start = mm, start
         self.cache: dict = {}  # arrays derived from this shard (dropped with it)
+
+    def willneed(self, a0: int, a1: int) -> None:
+        """Start reading values[a0:a1] from storage now (asynchronously): a window's sentences lie at
+        random places of a shard, and asked for together their reads overlap instead of queueing."""
+        if self._mm is not None and a1 > a0:
+            lo, hi = self._start + 2 * a0, self._start + 2 * a1
+            lo -= lo % mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
