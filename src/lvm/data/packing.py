@@ -309,7 +309,7 @@ class SourceWindows:
         out = np.empty(L, np.int64)
         at = 0
         for shard, a0, a1, begin, take in pieces:
-            _fill(out, at, shard.values, a0, a1, begin, take)
+            _fill(out, at, shard, a0, a1, begin, take)
             at += take
         return out, out.copy(), None
 
@@ -371,7 +371,7 @@ class SourceWindows:
         for i in members:
             a0, a1 = int(shard.offsets[i]), int(shard.offsets[i + 1])
             n = min(a1 - a0 + 2, L)
-            _fill(ids, at, shard.values, a0, a1, 0, n)
+            _fill(ids, at, shard, a0, a1, 0, n)
             labels[at + 1 : at + n] = ids[at + 1 : at + n]
             pos_ids[at : at + n] = np.arange(n)
             at += n
@@ -383,7 +383,7 @@ class SourceWindows:
         return {"shards": sh.n_shards, "sentences": len(sh), "tokens": int(sh.tokens.sum()), "windows_per_epoch": self.per_epoch}
 
 
-def _fill(out: np.ndarray, at: int, values: np.ndarray, a0: int, a1: int, begin: int, take: int) -> None:
+def _fill(out: np.ndarray, at: int, shard, a0: int, a1: int, begin: int, take: int) -> None:
     """out[at:at+take] = tokens [begin, begin+take) of the sentence stream [BOS] values[a0:a1] [EOS]."""
     m = a1 - a0
     end = begin + take
@@ -391,6 +391,6 @@ def _fill(out: np.ndarray, at: int, values: np.ndarray, a0: int, a1: int, begin:
         out[at] = BOS_ID
     lo, hi = max(begin, 1), min(end, m + 1)
     if hi > lo:
-        out[at + lo - begin : at + hi - begin] = values[a0 + lo - 1 : a0 + hi - 1]
+        out[at + lo - begin : at + hi - begin] = shard.read(a0 + lo - 1, a0 + hi - 1)
     if end == m + 2:
         out[at + take - 1] = EOS_ID

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -151,9 +152,12 @@ def _map(path: Path) -> tuple[mmap.mmap, pa.Table]:
 class Shard:
     """One memory-mapped shard: flat token buffer and offsets as zero-copy numpy views.
 
-    With random_access (training), the token pages are advised MADV_RANDOM: a window reads a few KB at
-    a random place, and the kernel's readahead (often MBs) would read, and map into the process, far
-    more than that. Unmapped when the last reference to it goes."""
+    With random_access (training), windows read token values with `read` (pread on the file), not
+    through the mapping: a window needs a few KB at random places, and pages read through a mapping
+    stay mapped, so over an epoch a rank's resident set would grow to the size of every open shard
+    (page cache, reclaimable, but counted). `willneed` asks for a window's pieces first, so cold reads
+    overlap. The mapping's token pages are advised MADV_RANDOM (no MB-sized readahead per access) for
+    the other readers (evaluation's `sentence`). The mapping goes with the last reference to it."""
 
     def __init__(self, path: Path, random_access: bool = True):
         self.path = path
@@ -163,22 +167,32 @@ class Shard:
         self.table = table
         self.offsets = arr.offsets.to_numpy() if len(arr) else np.zeros(1, np.int32)
         self.values = arr.values.to_numpy(zero_copy_only=False) if len(arr) else np.zeros(0, np.uint16)
-        self._mm, self._start = None, 0  # the mapping and where the token values start in it
-        if random_access and self.values.nbytes and hasattr(mmap, "MADV_RANDOM"):
+        self._fd, self._start = None, 0  # a descriptor for pread and where the token values start in the file
+        if random_access and self.values.nbytes:
             start = arr.values.buffers()[1].address + arr.values.offset * 2 - pa.py_buffer(mm).address
-            if 0 <= start < len(mm):  # the values live in the mapping (not a copy of combined chunks)
-                lo = start - start % mmap.PAGESIZE
-                mm.madvise(mmap.MADV_RANDOM, lo, min(len(mm), start + self.values.nbytes) - lo)
-                self._mm, self._start = mm, start
+            if 0 <= start < len(mm):  # the values live in the file (not a copy of combined chunks)
+                if hasattr(mmap, "MADV_RANDOM"):
+                    lo = start - start % mmap.PAGESIZE
+                    mm.madvise(mmap.MADV_RANDOM, lo, min(len(mm), start + self.values.nbytes) - lo)
+                self._fd, self._start = os.open(path, os.O_RDONLY), start
+                weakref.finalize(self, os.close, self._fd)
         self.cache: dict = {}  # arrays derived from this shard (dropped with it)
+
+    def read(self, x0: int, x1: int) -> np.ndarray:
+        """Token values [x0, x1) of the flat buffer (pread with random_access, else a view of the mapping)."""
+        if self._fd is None or x1 <= x0:
+            return self.values[x0:x1]
+        out = np.empty(x1 - x0, np.uint16)
+        got = os.preadv(self._fd, [out], self._start + 2 * x0)
+        if got != out.nbytes:
+            raise ShardError(f"shard {self.path}: short read at token {x0} ({got} of {out.nbytes} bytes): truncated?")
+        return out
 
     def willneed(self, a0: int, a1: int) -> None:
         """Start reading values[a0:a1] from storage now (asynchronously): a window's sentences lie at
         random places of a shard, and asked for together their reads overlap instead of queueing."""
-        if self._mm is not None and a1 > a0:
-            lo, hi = self._start + 2 * a0, self._start + 2 * a1
-            lo -= lo % mmap.PAGESIZE
-            self._mm.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+        if self._fd is not None and a1 > a0:
+            os.posix_fadvise(self._fd, self._start + 2 * a0, 2 * (a1 - a0), os.POSIX_FADV_WILLNEED)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
