@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from lvm.data.decode import decode_task
 from lvm.data.manifest import DEFAULT_MAX_IMAGES, KINDS, Sentence, Skip, iter_manifest_lines
-from lvm.data.shards import SPLITS, atomic_write_text, write_shard
+from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, write_shard
 from lvm.data.units import DEFAULT_PART_BYTES, InputError, Unit, plan_units, read_lines
 from lvm.data.webdataset import Sample, iter_samples, sample_id
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
@@ -273,13 +273,8 @@ class UnitOutput:
             return
         rel = f"{split}/{self.name}-{self.count[split]:05d}.arrow"
         nbytes = write_shard(self.out / rel, rows)
-        kinds: dict[str, int] = {}
-        for r in rows:
-            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-        self.shards.append({"path": rel, "sentences": len(rows), "images": int(sum(r["n_images"] for r in rows)),
-                            "tokens": int(sum(len(r["tokens"]) for r in rows)),
-                            "max_token": int(max(int(r["tokens"].max()) for r in rows)),
-                            "bytes": nbytes, "kinds": dict(sorted(kinds.items()))})
+        # the counts write_shard recorded in the shard's metadata (length_counts included): what training reads
+        self.shards.append({"path": rel, **read_recorded_stats(self.out / rel), "bytes": nbytes})
         self.count[split] += 1
         self.rows[split] = []
 
@@ -296,12 +291,14 @@ def _unit_record(unit: Unit) -> dict:
     return {"name": unit.name, "kind": unit.kind, "size": unit.size, "start": unit.start, "stop": unit.stop}
 
 
-def unit_done(out: Path, unit: Unit) -> bool:
+def finished_part(out: Path, unit: Unit) -> dict | None:
+    """The unit's part report if the unit is finished (same input, every shard present), else None."""
     p = part_path(out, unit.name)
     if not p.is_file():
-        return False
+        return None
     part = json.loads(p.read_text())
-    return part.get("unit") == _unit_record(unit) and all((out / s["path"]).is_file() for s in part["shards"])
+    done = part.get("unit") == _unit_record(unit) and all((out / s["path"]).is_file() for s in part["shards"])
+    return part if done else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,9 +491,10 @@ def write_index(out: Path, units: list[Unit], tok_info: dict) -> dict | None:
     """index.json + report.json once every unit is finished; None while some are not."""
     parts = []
     for u in units:
-        if not unit_done(out, u):
+        part = finished_part(out, u)
+        if part is None:
             return None
-        parts.append(json.loads(part_path(out, u.name).read_text()))
+        parts.append(part)
     totals = {split: {"sentences": 0, "images": 0, "tokens": 0, "shards": 0, "bytes": 0} for split in SPLITS}
     shards = {split: [] for split in SPLITS}
     skipped = []
@@ -582,7 +580,7 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
             return {"out": str(out), "report": None, "this_run": stats, "seconds": 0.0, "tokenizer_seconds": fit_seconds,
                     "images_per_s": 0.0, "units": len(units), "tokenizer": tok_info["spec"], "fit_only": True}
         mine = units[cfg.rank :: cfg.world_size]
-        todo = [] if cfg.index_only else [u for u in mine if not unit_done(out, u)]
+        todo = [] if cfg.index_only else [u for u in mine if finished_part(out, u) is None]
         with tqdm(unit="img", desc=f"shards[{cfg.rank}/{cfg.world_size}]", file=sys.stderr, dynamic_ncols=True,
                   disable=not cfg.progress or not todo) as bar:
             for k, unit in enumerate(todo):
