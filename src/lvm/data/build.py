@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from lvm.data.decode import decode_task
 from lvm.data.manifest import DEFAULT_MAX_IMAGES, KINDS, Sentence, Skip, iter_manifest_lines
-from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, write_shard
+from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, temp_path, write_shard
 from lvm.data.units import DEFAULT_PART_BYTES, InputError, Unit, plan_units, read_lines
 from lvm.data.webdataset import Sample, iter_samples, sample_id
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
@@ -370,7 +370,7 @@ def fit_tokenizer(cfg: BuildConfig, units: list[Unit], pool) -> PatchKMeansToken
     if (tok_dir / "config.json").is_file():
         return PatchKMeansTokenizer.load(tok_dir)
     tok = PatchKMeansTokenizer.fit(fit_sample(cfg, units, pool), seed=cfg.seed)
-    tmp = tok_dir.with_name(f".{tok_dir.name}.tmp.{os.getpid()}")
+    tmp = temp_path(tok_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp)
     try:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from lvm.data.build import BuildConfig, build_shards
-from lvm.data.shards import SPLITS, ShardError, read_shard, read_tokenizer_info
+from lvm.data.shards import SPLITS, ShardError, atomic_write_text, read_shard, read_tokenizer_info, temp_path
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
 from lvm.tokenizer import load_tokenizer, parse_spec
 
@@ -89,7 +88,7 @@ def export_token_file(shards: str, out: str, split: str = "train") -> dict:
                          f"per image; LVM's format holds {TOKENS_PER_IMAGE} of {CODEBOOK_SIZE}")
     dst = Path(out)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    tmp = temp_path(dst)
     n_lines = n_tokens = 0
     with tmp.open("w") as f:
         for shard in _shard_files(root, split):
@@ -102,7 +101,7 @@ def export_token_file(shards: str, out: str, split: str = "train") -> dict:
                 n_lines += 1
                 n_tokens += len(codes)
     tmp.replace(dst)
-    sidecar(dst).write_text(json.dumps(info, indent=2))
+    atomic_write_text(sidecar(dst), json.dumps(info, indent=2))
     return {"out": str(dst), "sentences": n_lines, "tokens": n_tokens}
 
 

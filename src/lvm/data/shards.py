@@ -56,8 +56,13 @@ class ShardError(Exception):
     """A shard folder or file that training/eval cannot use; the message names the file."""
 
 
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before its atomic rename: `.<name>.tmp.<pid>` (a rerun removes dead runs' ones)."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_path(path)
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -91,7 +96,7 @@ def write_columns(path: str | Path, flat: np.ndarray, offsets: np.ndarray, n_ima
     schema = SCHEMA.with_metadata({STATS_KEY: json.dumps(stats, sort_keys=True).encode()})
     batch = pa.record_batch([pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.uint16())),
                              pa.array(n_images, type=pa.int32()), kinds, ids], schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_path(path)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(batch)
     tmp.replace(path)
