@@ -16,7 +16,7 @@ WORKERS   ?= 2
 SEED      ?= 0
 SHARD_ARGS = $(foreach i,$(INPUT),--input '$(i)') --out $(SHARDS) --workers $(WORKERS) --seed $(SEED)
 
-.PHONY: venv test demo shards corpus bench lint clean gpu-check
+.PHONY: venv test demo shards corpus bench lint clean gpu-check gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -46,9 +46,31 @@ demo: venv
 bench: venv
 	set -e; for b in bench/bench_*.py; do $(PY) $$b; done
 
-# what only a GPU can show, in one table (~8 minutes on one H100; docs/benchmarks.md); one line and exit 2 without a GPU
+# what only a GPU can show, in one table (~8 minutes on one H100; docs/benchmarks.md); one line and exit 2 without a GPU.
+# Where $(GPU_PYTHON) already holds a CUDA PyTorch (a cluster module, a container image), that interpreter runs
+# the check, with what it lacks installed from $(WHEELS) into $(GPU_SITE) (no index needed); else the venv does.
+GPU_PYTHON ?= python3
+WHEELS     ?= wheels/gpu
+GPU_SITE   ?= .gpu-site
+HAVE       ?= gpu-freeze.txt
+
+ifneq ($(filter gpu-check,$(MAKECMDGOALS)),)
+GPU_SYSTEM := $(shell [ ! -x $(PY) ] && $(GPU_PYTHON) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null && echo yes)
+endif
+ifeq ($(GPU_SYSTEM),yes)
+gpu-check:
+	@if [ -d $(WHEELS) ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+		--target $(GPU_SITE) $(WHEELS)/*.whl || exit 1; fi
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PATH=$(CURDIR)/$(GPU_SITE)/bin:$$PATH \
+		$(GPU_PYTHON) bench/gpu_check.py
+else
 gpu-check: venv
 	@$(PY) bench/gpu_check.py
+endif
+
+# the wheels an offline GPU machine lacks, for make gpu-check there; HAVE = that machine's `python3 -m pip freeze`
+gpu-wheels: venv
+	$(PY) launch/wheelhouse.py --have $(HAVE) --out $(WHEELS)
 
 lint: venv
 	$(PY) -m ruff check src data_prep launch tests bench

@@ -47,7 +47,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # reported by no_gpu_reason with the rest of what is missing
+    np = None
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -96,7 +99,16 @@ class Report:
         self.row(section, measure, "failed", why[:200])
 
 
+# import name -> distribution, for what every step needs (liger-kernel and flash-attn are optional rows)
+NEEDED = {"numpy": "numpy", "torch": "torch", "deepspeed": "deepspeed", "transformers": "transformers", "av": "av",
+          "braceexpand": "braceexpand", "pyarrow": "pyarrow", "datasets": "datasets", "lvm": "lvm-pretrain"}
+
+
 def no_gpu_reason() -> str | None:
+    missing = [dist for mod, dist in NEEDED.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        return (f"{sys.executable} lacks {', '.join(missing)}: on a machine with an index run "
+                "`make gpu-wheels HAVE=<this machine's pip freeze>` and copy wheels/gpu here (see launch/wheelhouse.py)")
     import torch
 
     if not torch.cuda.is_available():
