@@ -16,7 +16,7 @@ WORKERS   ?= 2
 SEED      ?= 0
 SHARD_ARGS = $(foreach i,$(INPUT),--input '$(i)') --out $(SHARDS) --workers $(WORKERS) --seed $(SEED)
 
-.PHONY: venv test demo shards corpus bench lint clean gpu-check gpu-wheels
+.PHONY: venv test demo shards corpus bench lint clean gpu-check gpu-wheels bench-data bench-all
 
 venv: $(VENV)/.installed
 
@@ -43,8 +43,15 @@ shards: venv corpus
 demo: venv
 	$(PY) -m lvm.demo --corpus $(CORPUS) --shards $(SHARDS) --seed $(SEED)
 
+# each bench prints a table (numbers in docs/benchmarks.md); bench-data writes 5.4 GB of shards and takes
+# 25-40 minutes on 2 cores, so it is its own target (bench-all runs both)
 bench: venv
-	set -e; for b in bench/bench_*.py; do $(PY) $$b; done
+	set -e; for b in bench/bench_*.py; do [ $$b = bench/bench_data.py ] || $(PY) $$b; done
+
+bench-data: venv
+	$(PY) bench/bench_data.py
+
+bench-all: bench bench-data
 
 # what only a GPU can show, in one table (~8 minutes on one H100; docs/benchmarks.md); one line and exit 2 without a GPU.
 # Where $(GPU_PYTHON) already holds a CUDA PyTorch (a cluster module, a container image), that interpreter runs
