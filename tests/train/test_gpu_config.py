@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from lvm.train.ds_config import fused_adam_prebuilt, resolve
+from lvm.train.ds_config import ConfigError, fused_adam_prebuilt, resolve
+from lvm.train.optimizers import cuda_op_needed, cuda_op_unavailable
 from lvm.train.options import RunOptions
 from tests.train.conftest import ENV, REPO, free_port
 
@@ -43,8 +45,33 @@ def test_adamw_on_cuda_uses_a_prebuilt_fused_kernel():
     else:
         assert params["torch_adam"] is True and params["fused"] is True
     raw = json.loads(json.dumps(RAW))
-    raw["optimizer"]["params"]["torch_adam"] = False  # the JSON's own choice stands
-    ds = resolve(raw, RunOptions(precision="fp32"), {"precision"}, 1, torch.device("cuda"))
-    assert ds["optimizer"]["params"]["torch_adam"] is False and "fused" not in ds["optimizer"]["params"]
+    raw["optimizer"]["params"]["torch_adam"] = False  # the JSON's own choice stands where FusedAdam can load
+    if cuda_op_unavailable("fused_adam") is None:
+        ds = resolve(raw, RunOptions(precision="fp32"), {"precision"}, 1, torch.device("cuda"))
+        assert ds["optimizer"]["params"]["torch_adam"] is False and "fused" not in ds["optimizer"]["params"]
+    else:
+        with pytest.raises(ConfigError, match=r"DeepSpeed's fused_adam op, which is not prebuilt .*torch_adam"):
+            resolve(raw, RunOptions(precision="fp32"), {"precision"}, 1, torch.device("cuda"))
     cpu = resolve(json.loads(json.dumps(RAW)), RunOptions(precision="fp32"), {"precision"}, 1, torch.device("cpu"))
     assert cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in cpu["optimizer"]["params"]
+
+
+def test_a_cuda_op_that_cannot_be_built_is_one_line_before_any_compute():
+    """Lion on a GPU is DeepSpeed's FusedLion, JIT-compiled with nvcc at deepspeed.initialize unless prebuilt: where
+    it can be neither, the run stops at config time with one line (here: a CPU torch, so no CUDA toolkit for it)."""
+    raw = json.loads(json.dumps(RAW))
+    opts = RunOptions(precision="fp32", optimizer="lion")
+    why = cuda_op_unavailable("fused_lion")
+    if why is None:
+        pytest.skip("this machine can build DeepSpeed's fused_lion op")
+    with pytest.raises(ConfigError) as e:
+        resolve(raw, opts, {"precision", "optimizer"}, 1, torch.device("cuda"))
+    msg = str(e.value)
+    assert "\n" not in msg and "fused_lion" in msg and why in msg and "DS_BUILD_FUSED_LION=1" in msg
+    # the same optimizer where it needs no CUDA op: on the CPU, and under ZeRO-Offload (DeepSpeedCPULion)
+    resolve(json.loads(json.dumps(RAW)), RunOptions(precision="fp32", optimizer="lion"), {"optimizer"}, 1, torch.device("cpu"))
+    off = json.loads(json.dumps(RAW))
+    off["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    resolve(off, RunOptions(precision="fp32", optimizer="lion"), {"precision", "optimizer"}, 1, torch.device("cuda"))
+    assert cuda_op_needed("adamw", {"optimizer": {"params": {"torch_adam": True}}}, torch.device("cuda")) is None
+    assert cuda_op_needed("adamw", {"optimizer": {"params": {}}}, torch.device("cuda:1")) == "fused_adam"

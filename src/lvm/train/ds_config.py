@@ -143,11 +143,7 @@ def resolve(ds: dict, opts: RunOptions, given: set[str], world_size: int, device
 
 def fused_adam_prebuilt() -> bool:
     """Whether this DeepSpeed install ships its FusedAdam op built (DS_BUILD_FUSED_ADAM=1), not JIT-compiled."""
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        return False
-    return bool(installed_ops.get("fused_adam"))
+    return optimizers.cuda_op_prebuilt("fused_adam")
 
 
 def optimizer_name(ds: dict, opts, given: set[str], allow_auto: bool = False) -> str:

@@ -92,6 +92,55 @@ def check(name: str, ds: dict, device) -> None:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise OptimizerError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes)")
         _probe_bnb("cpu" if offload else str(device))
+    op = cuda_op_needed(name, ds, device)
+    if op is not None:
+        why = cuda_op_unavailable(op)
+        if why is not None:
+            other = "adamw (torch's fused AdamW needs no build)" if name == "lion" else \
+                "\"torch_adam\": true in the optimizer params (torch's fused AdamW)"
+            raise OptimizerError(f"--optimizer {name} on a GPU runs DeepSpeed's {op} op, which is not prebuilt in this "
+                                 f"DeepSpeed and cannot be compiled here ({why}): install DeepSpeed with "
+                                 f"DS_BUILD_{op.upper()}=1, install the CUDA toolkit matching torch's CUDA, or use {other}")
+
+
+# DeepSpeed CUDA ops an optimizer builds on a GPU when it is not prebuilt (deepspeed/ops/op_builder): a JIT
+# compile with nvcc and ninja at deepspeed.initialize, after the model is built.
+CUDA_OPS = {"adamw": "fused_adam", "lion": "fused_lion"}
+
+
+def cuda_op_needed(name: str, ds: dict, device) -> str | None:
+    """The DeepSpeed CUDA op `name` needs under this ds_config on `device` (None: none, or a host-side one)."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda" or offloads_optimizer(ds) or name not in CUDA_OPS:
+        return None  # ZeRO-Offload steps on the CPU (DeepSpeedCPUAdam/CPULion: a C++ build, no nvcc)
+    if name == "adamw" and (ds.get("optimizer") or {}).get("params", {}).get("torch_adam"):
+        return None  # torch.optim.AdamW (lvm.train.ds_config picks its fused kernel when FusedAdam is not prebuilt)
+    return CUDA_OPS[name]
+
+
+def cuda_op_prebuilt(op: str) -> bool:
+    """Whether this DeepSpeed install ships `op` built for CUDA (DS_BUILD_...=1), so nothing is compiled at start-up."""
+    try:
+        from deepspeed.git_version_info import accelerator_name, installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(op)) and accelerator_name == "cuda"  # what DeepSpeed's OpBuilder.load asks
+
+
+def cuda_op_unavailable(op: str) -> str | None:
+    """Why DeepSpeed cannot load CUDA op `op` here (not prebuilt, and no nvcc/ninja to JIT-compile it), or None."""
+    if cuda_op_prebuilt(op):
+        return None
+    import shutil
+
+    if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
+        return "ninja is not installed"
+    try:  # DeepSpeed's own check before a JIT build: nvcc found, and its CUDA matches torch's
+        from deepspeed.ops.op_builder.builder import assert_no_cuda_mismatch
+
+        assert_no_cuda_mismatch(op)
+    except Exception as e:  # MissingCUDAException, CUDAMismatchException
+        return (str(e).strip().splitlines() or [type(e).__name__])[-1].strip(" >-")
+    return None
 
 
 def _probe_bnb(device: str) -> None:
