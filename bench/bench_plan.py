@@ -74,10 +74,24 @@ def cpu_tables() -> None:
 
 def planned(case: dict, model: str = GPU_MODEL, seq: int = GPU_SEQ, dtype: str = "bf16") -> Plan:
     req = Request(model_shape(model), 1, 1, 80, None, seq, seq * case["micro_batch"], dtype,
-                  packing=case["packing"], attention=case.get("attention", "sdpa"), expandable_segments=case.get("expandable", False))
+                  packing=case["packing"], attention=case.get("attention", "sdpa"), expandable_segments=case.get("expandable"))
     s = fit_buckets(req, Setting(case["stage"], case["micro_batch"], case["ckpt"], dtype, attn_mask=req.attn_mask,
                                  expandable_segments=req.expandable))
     return Plan(s, 1, evaluate(req, s), [])
+
+
+def training_ds_config(plan: Plan, seq: int, device) -> dict:
+    """The planner's ds_config resolved as launch/pretrain.py resolves it (`lvm.train.ds_config.resolve`), so the
+    engine measured is the one training builds: with bf16 under ZeRO, gradients accumulated in fp32
+    (`data_types.grad_accum_dtype`); AdamW as torch's fused AdamW where DeepSpeed's FusedAdam is not prebuilt."""
+    from lvm.train.ds_config import resolve
+    from lvm.train.options import RunOptions
+
+    s = plan.setting
+    opts = RunOptions(seq_len=seq, micro_batch=s.micro_batch, grad_accum=plan.grad_accum, lr=1e-4, weight_decay=0.1,
+                      grad_clip=1.0, precision=s.dtype, optimizer=s.optimizer, grad_ckpt=s.grad_ckpt)
+    given = {"micro_batch", "grad_accum", "lr", "weight_decay", "grad_clip", "precision", "optimizer", "grad_ckpt"}
+    return resolve(ds_config(plan), opts, given, 1, device)
 
 
 def measure_one(case: dict, model_name: str = GPU_MODEL, seq: int = GPU_SEQ, device: str = "cuda") -> dict:
@@ -93,10 +107,7 @@ def measure_one(case: dict, model_name: str = GPU_MODEL, seq: int = GPU_SEQ, dev
     cuda = device == "cuda"
     case = {**case, "attention": attention_implementation()}
     plan = planned(case, model_name, seq, "bf16" if cuda else "fp32")
-    ds = ds_config(plan)
-    ds.pop("lvm_plan", None)
-    ds["optimizer"]["params"].update({"lr": 1e-4, "weight_decay": 0.1, **({} if cuda else {"torch_adam": True})})
-    ds.update({"gradient_clipping": 1.0, "train_batch_size": case["micro_batch"], "gradient_accumulation_steps": 1})
+    ds = training_ds_config(plan, seq, torch.device(device))
     if cuda:
         torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
