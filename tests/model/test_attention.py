@@ -6,6 +6,8 @@ through transformers' attention interface with a reference implementation that r
 `cu_seq_lens` segment of the flattened micro-batch: the same keyword arguments, from the same function
 (`varlen_kwargs`), reach it through the model as reach `flash_attn_varlen_func` on a GPU."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,43 @@ def test_attention_choice_falls_back_with_one_line():
     assert "\n" not in note and ("not installed" in note or "CUDA" in note)
     with pytest.raises(ValueError, match="--attention"):
         resolve_attention("flash3", cpu, torch.float32)
+
+
+def fake_flash_attn(root, body: str):
+    pkg = root / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(body)
+    return root
+
+
+def test_a_flash_attn_that_cannot_load_falls_back_with_one_line(tmp_path, monkeypatch):
+    """A flash-attn wheel built for another torch installs, then fails to import (its CUDA extension's symbols):
+    the choice falls back to sdpa with one line instead of a model that fails at its first forward pass."""
+    monkeypatch.syspath_prepend(str(fake_flash_attn(tmp_path, 'raise ImportError("/x/flash_attn_2_cuda.so: undefined '
+                                                                'symbol: _ZN3c104cuda9SetDeviceEi")\n')))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    for dev in (torch.device("cpu"), torch.device("cuda", 0)):
+        impl, note = resolve_attention("flash_attention_2", dev, torch.bfloat16)
+        assert impl == "sdpa" and "\n" not in note and note.endswith("; using sdpa")
+        assert "the installed flash-attn cannot be imported (ImportError: " in note and "undefined symbol" in note
+    assert resolve_attention("auto", torch.device("cuda", 0), torch.bfloat16) == ("sdpa", None)
+
+
+def test_a_flash_attn_transformers_refuses_falls_back_with_one_line(tmp_path, monkeypatch):
+    """An importable flash-attn that transformers will not build a flash_attention_2 model with (too old, another
+    distribution): sdpa and one line, on an Ampere-or-later GPU in bf16 (its capability given here)."""
+    monkeypatch.syspath_prepend(str(fake_flash_attn(tmp_path, '__version__ = "2.0.4"\n'
+                                                                "def flash_attn_func(*a, **k): pass\n"
+                                                                "def flash_attn_varlen_func(*a, **k): pass\n")))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    from transformers.utils import is_flash_attn_2_available
+
+    assert not is_flash_attn_2_available()
+    impl, note = resolve_attention("flash_attention_2", torch.device("cuda", 0), torch.bfloat16)
+    assert impl == "sdpa" and "transformers does not accept this flash-attn (2.0.4;" in note and "\n" not in note
+    with pytest.raises(ImportError):  # what building the model with the unchecked choice would have done
+        LlamaForCausalLM._from_config(llama_config("tiny", 64), attn_implementation="flash_attention_2")
 
 
 def test_pad_is_no_work_in_the_packing(packed_batch):

@@ -36,10 +36,25 @@ import torch
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
+def flash_attn_import_error() -> str | None:
+    """Why the functions transformers calls cannot be imported from an installed flash-attn, or None. A wheel built
+    against another torch (or CUDA) installs fine and fails here ("undefined symbol" from flash_attn_2_cuda), which
+    transformers would only meet at the first forward pass."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # ImportError, OSError from the CUDA extension
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
 def flash_attn_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why flash_attention_2 cannot run here, or None when it can."""
     if importlib.util.find_spec("flash_attn") is None:
         return "the flash-attn package is not installed"
+    err = flash_attn_import_error()
+    if err is not None:
+        return f"the installed flash-attn cannot be imported ({err})"
     if device.type != "cuda":
         return f"it needs a CUDA device (this run is on {device.type})"
     if dtype not in (torch.bfloat16, torch.float16):
@@ -47,6 +62,11 @@ def flash_attn_unavailable(device: torch.device, dtype: torch.dtype) -> str | No
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"it needs compute capability >= 8.0 ({torch.cuda.get_device_name(device)} has {major}.x)"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():  # the check transformers makes before building a flash_attention_2 model
+        version = getattr(importlib.import_module("flash_attn"), "__version__", "?")
+        return f"transformers does not accept this flash-attn ({version}; it takes the flash-attn 2 package, >= 2.3.3)"
     return None
 
 
