@@ -119,3 +119,20 @@ def test_pretrain_says_what_it_could_not_use(train_shards, tmp_path):
     assert sum("--attention flash_attention_2: " in x and x.endswith("; using sdpa") for x in lines) == 1
     assert sum("--kernels liger: " in x and x.endswith("using transformers' own modules") for x in lines) == 1
     assert any(x.endswith("attention: sdpa (packed sentences: block-diagonal causal mask)") for x in lines)
+
+
+def test_no_fused_loss_on_a_zero3_partitioned_model():
+    """Under ZeRO-3, lm_head.weight outside the head's forward is the empty local shard (what Liger's fused linear
+    cross-entropy would read): the plain head and loss are kept, and the log line says why."""
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "tests/model/zero3_model_worker.py"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+    rows = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert r.returncode == 0 and rows, r.stderr[-3000:]
+    import json
+
+    x = json.loads(rows[-1][len("RESULT "):])
+    assert x["partitioned"] and x["head_numel"] == 0  # what the fused kernel would have been handed
+    assert "ZeRO-3" in x["why"] and "lm_head.weight" in x["why"]
+    assert not x["plain_partitioned"] and x["plain_why"] is None and "per-source" in x["plain_logits_why"]

@@ -6,7 +6,8 @@ model as it was and returns one line saying why (the trainer logs it); nothing i
 - `--kernels liger` (needs the liger-kernel package, Triton and a CUDA device): Liger's RMSNorm, SwiGLU MLP
   and RoPE Triton kernels patched into this model instance, and its fused linear cross-entropy (the output
   head and the loss computed chunk by chunk, never materialising the b x s x vocab logits) unless the caller
-  needs the logits of a training forward (a mixture's per-source loss reads them).
+  needs the logits of a training forward (a mixture's per-source loss reads them) or the model is partitioned by
+  ZeRO-3 (the fused loss reads the output weight outside the head's forward, where ZeRO-3 never gathers it).
 - `--compile`: `torch.compile` of every decoder layer (one graph serves all layers; PyTorch inlines the
   modules, so their parameters are inputs, not constants). The whole model is not compiled: the loss, the
   embedding and DeepSpeed's hooks stay eager. Not under ZeRO-3, whose parameter gathering hooks fire inside
@@ -39,7 +40,8 @@ def apply_kernels(model, choice: str, device: torch.device, need_logits: bool = 
     why = liger_unavailable(device)
     if why is not None:
         return f"--kernels liger: {why}; using transformers' own modules"
-    flce = not need_logits
+    no_flce = fused_loss_unavailable(model, need_logits)
+    flce = no_flce is None
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -48,8 +50,26 @@ def apply_kernels(model, choice: str, device: torch.device, need_logits: bool = 
     except Exception as e:  # a liger release that does not know this transformers version, say
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return f"--kernels liger: liger-kernel could not patch this model ({type(e).__name__}: {first}); using transformers' own modules"
-    head = "fused linear cross-entropy" if flce else "the plain output head and loss (the per-source loss needs the logits)"
+    head = "fused linear cross-entropy" if flce else f"the plain output head and loss ({no_flce})"
     return f"kernels: Liger RMSNorm, SwiGLU, RoPE and {head}"
+
+
+def zero3_partitioned(model) -> bool:
+    """Whether `model` was built inside deepspeed.zero.Init (its parameters carry ZeRO-3's partitioning state)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def fused_loss_unavailable(model, need_logits: bool) -> str | None:
+    """Why Liger's fused linear cross-entropy cannot replace the output head and loss of `model`, or None.
+
+    Under ZeRO-3 it cannot: the fused loss reads `lm_head.weight` directly instead of calling the head module,
+    and ZeRO-3 gathers a partitioned parameter only around its own module's forward, so the kernel would get
+    the empty local shard (a size mismatch at the first step; trl issues #3368, #5891)."""
+    if need_logits:
+        return "the per-source loss needs the logits"
+    if zero3_partitioned(model):
+        return "under ZeRO-3 the fused loss would read lm_head.weight ungathered"
+    return None
 
 
 def compile_unavailable(zero_stage: int) -> str | None:
