@@ -14,9 +14,12 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+LOAD_TIMEOUT = timedelta(hours=2)  # collectives' timeout: covers rank 0 consolidating a large checkpoint
 
 
 def data_folders(data: str, split: str) -> list[Path]:
@@ -76,7 +79,10 @@ def main(argv=None) -> int:
     if env.world_size > 1:
         export_torch_env(env)
         cuda = device.type == "cuda"
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
+        # the other ranks wait in a broadcast while rank 0 reads and consolidates the checkpoint (minutes for a 7B
+        # ZeRO-3 one): NCCL's default timeout (10 minutes; gloo's 30) would abort them before it ends
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=LOAD_TIMEOUT,
+                                             **({"device_id": device} if cuda else {}))
     try:
         model, _ = load_model(a.checkpoint, device, a.attention)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
