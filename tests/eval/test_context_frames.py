@@ -43,8 +43,11 @@ def test_generation_fills_the_window():
     assert len(fit_prompt(torch.zeros(20, 256, dtype=torch.long), 4096, 1)[0]) == 15
     seen = []
 
-    def positions(module, args, kw):
-        cache = kw.get("past_key_values")
+    def positions(module, args, kw):  # positions the forward covers (the cache kwarg is `cache` from transformers 5.24)
+        if kw.get("position_ids") is not None:
+            seen.append(int(kw["position_ids"].max()) + 1)
+            return
+        cache = kw.get("cache", kw.get("past_key_values"))
         seen.append(kw["input_ids"].shape[1] + (cache.get_seq_length() if cache is not None else 0))
 
     model.register_forward_pre_hook(positions, with_kwargs=True)
