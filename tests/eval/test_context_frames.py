@@ -53,3 +53,16 @@ def test_generation_fills_the_window():
     model.register_forward_pre_hook(positions, with_kwargs=True)
     out = sample_codes(model, prompt, Sampling(temperature=0, use_cache=True))
     assert out.shape == (1, 1, 256) and max(seen) == 512
+
+
+def test_weights_cast_for_a_gpu_record_their_dtype_and_keep_fp32_buffers():
+    """bf16 weights (as evaluation casts them on a GPU), RoPE buffers kept fp32, and the config saying bf16, which
+    transformers reads when flash_attention_2 is set (a float32 config makes it warn that flash-attention cannot run)."""
+    from lvm.eval.model_io import _cast_parameters
+
+    model = LlamaForCausalLM._from_config(llama_config("tiny", 64), attn_implementation="sdpa").eval()
+    assert model.config.dtype in (None, torch.float32)  # from_pretrained(dtype=float32) records float32
+    _cast_parameters(model, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in model.buffers()} == {torch.float32}
+    assert model.config.dtype == torch.bfloat16

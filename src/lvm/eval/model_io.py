@@ -114,6 +114,9 @@ def _cast_parameters(model, device: torch.device, dtype: torch.dtype) -> None:
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = b.to(device)
+    # what the weights now are: transformers checks it when flash_attention_2 is set (a float32 config warns that
+    # flash-attention cannot run, though every weight is bf16)
+    model.config.dtype = dtype
 
 
 def _load_whole(p: Path):
@@ -183,6 +186,7 @@ def load_model(path: str | Path, device: torch.device | None = None, attention: 
         for prm in model.parameters():
             prm.data = prm.data.to(dtype)
         model = model.to_empty(device=device)
+        model.config.dtype = dtype
     for t in [*model.parameters(), *model.buffers()]:
         dist.broadcast(t.data, src=0)
     model.set_attn_implementation(impl)
