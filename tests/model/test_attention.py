@@ -154,19 +154,24 @@ def test_attention_choice_falls_back_with_one_line():
         resolve_attention("flash3", cpu, torch.float32)
 
 
-def fake_flash_attn(root, body: str):
-    pkg = root / "flash_attn"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(body)
-    return root
+@pytest.fixture
+def fake_flash_attn(tmp_path, monkeypatch):
+    """Install a stand-in `flash_attn` package with the given __init__ for one test; gone (module too) after it."""
+    def install(body: str):
+        pkg = tmp_path / "flash_attn"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text(body)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        sys.modules.pop("flash_attn", None)
+
+    yield install
+    sys.modules.pop("flash_attn", None)
 
 
-def test_a_flash_attn_that_cannot_load_falls_back_with_one_line(tmp_path, monkeypatch):
+def test_a_flash_attn_that_cannot_load_falls_back_with_one_line(fake_flash_attn):
     """A flash-attn wheel built for another torch installs, then fails to import (its CUDA extension's symbols):
     the choice falls back to sdpa with one line instead of a model that fails at its first forward pass."""
-    monkeypatch.syspath_prepend(str(fake_flash_attn(tmp_path, 'raise ImportError("/x/flash_attn_2_cuda.so: undefined '
-                                                                'symbol: _ZN3c104cuda9SetDeviceEi")\n')))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    fake_flash_attn('raise ImportError("/x/flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n')
     for dev in (torch.device("cpu"), torch.device("cuda", 0)):
         impl, note = resolve_attention("flash_attention_2", dev, torch.bfloat16)
         assert impl == "sdpa" and "\n" not in note and note.endswith("; using sdpa")
@@ -174,13 +179,10 @@ def test_a_flash_attn_that_cannot_load_falls_back_with_one_line(tmp_path, monkey
     assert resolve_attention("auto", torch.device("cuda", 0), torch.bfloat16) == ("sdpa", None)
 
 
-def test_a_flash_attn_transformers_refuses_falls_back_with_one_line(tmp_path, monkeypatch):
+def test_a_flash_attn_transformers_refuses_falls_back_with_one_line(fake_flash_attn, monkeypatch):
     """An importable flash-attn that transformers will not build a flash_attention_2 model with (too old, another
     distribution): sdpa and one line, on an Ampere-or-later GPU in bf16 (its capability given here)."""
-    monkeypatch.syspath_prepend(str(fake_flash_attn(tmp_path, '__version__ = "2.0.4"\n'
-                                                                "def flash_attn_func(*a, **k): pass\n"
-                                                                "def flash_attn_varlen_func(*a, **k): pass\n")))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    fake_flash_attn('__version__ = "2.0.4"\ndef flash_attn_func(*a, **k): pass\ndef flash_attn_varlen_func(*a, **k): pass\n')
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     from transformers.utils import is_flash_attn_2_available
 
@@ -199,3 +201,4 @@ def test_pad_is_no_work_in_the_packing(packed_batch):
     assert tokens == int((b.input_ids != PAD_ID).sum()) < b.input_ids.numel()
     expect = sum(n * n for r in range(3) for _, n in sentences_of(b.input_ids[r].numpy()))
     assert sum_sq == expect
+
