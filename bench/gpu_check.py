@@ -296,7 +296,13 @@ def planned_memory(model: str, micro: int, seq: int, attention: str, dtype: str)
 
 
 def step_throughput(rep: Report, out: Path, sz: Sizes, deadline: float, cuda: bool) -> None:
-    have_flash = importlib.util.find_spec("flash_attn") is not None
+    import torch
+
+    from lvm.model.attention import flash_attn_unavailable
+
+    # a flash-attn that installs but cannot run (built for another torch) would make the row measure sdpa
+    flash_why = flash_attn_unavailable(torch.device("cuda" if cuda else "cpu"), torch.bfloat16) if cuda else "no GPU"
+    have_flash = flash_why is None
     have_liger = importlib.util.find_spec("liger_kernel") is not None
     rep.data["installed"] = {"flash_attn": have_flash, "liger_kernel": have_liger}
     data = random_source(out / "random_tokens", sentences=64 if cuda else 8)
@@ -312,7 +318,7 @@ def step_throughput(rep: Report, out: Path, sz: Sizes, deadline: float, cuda: bo
                 combos.append((model, micro, option, flags))
     for option in sz.options:
         if option_flags(option, have_flash, have_liger) is None:
-            why = {"flash_attention_2": "flash-attn is not installed", "liger": "liger-kernel is not installed",
+            why = {"flash_attention_2": f"flash-attention-2 cannot run: {flash_why}", "liger": "liger-kernel is not installed",
                    "all": "neither flash-attn nor liger-kernel is installed (same as compile)"}[option]
             rep.row("1 train", f"option {option}", "n/a", why)
     results = rep.data.setdefault("throughput", [])

@@ -559,6 +559,10 @@ def build_shards(cfg: BuildConfig, overwrite: bool = False) -> dict:
             tok, tok_info, encode = None, cfg.tokenizer_info, None
         else:
             device = encode_device(cfg)
+            if device.type == "cuda":  # the rank's current device too, for anything that allocates on "cuda"
+                import torch
+
+                torch.cuda.set_device(device)
             tok = resolve_tokenizer(cfg, units, pool, device)
             if tok.codebook_size != CODEBOOK_SIZE or tok.image_size != IMAGE_SIZE or tok.tokens_per_image != TOKENS_PER_IMAGE:
                 raise SystemExit(f"error: tokenizer {tok.spec} makes {tok.tokens_per_image} codes of {tok.codebook_size} "
