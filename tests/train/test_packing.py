@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from lvm.data.mixture import DistributedLoader, MixtureWindows
-from lvm.data.packing import SourceWindows, best_fit, bin_types, feistel
+from lvm.data.packing import Batch, SourceWindows, best_fit, bin_types, feistel
 from lvm.data.shards import open_shards, write_shard
+from lvm.eval.perplexity import sentence_ids, token_losses
+from lvm.model.attention import packed_attention_kwargs
 from lvm.model.presets import llama_config
 from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
+from lvm.train.trainer import window_nll
 
 
 def write_source(folder, n_images_per_shard, seed=0, kind="video"):
@@ -64,6 +68,108 @@ def test_concat_epoch_holds_every_sentence_once(tmp_path):
     assert found1 != found and len(set(found1) & set(found)) >= len(found) - 3
 
 
+def next_in_stream(stream, sentences):
+    """The token after a concat stream whose sentences are known: BOS after an EOS, else the next one
+    of the sentence the stream ends inside (found by its prefix)."""
+    if stream[-1] == EOS_ID:
+        return BOS_ID
+    head = stream[np.flatnonzero(stream == BOS_ID)[-1] + 1 :].astype(np.uint16)
+    hits = [np.frombuffer(b, np.uint16) for b in sentences if np.frombuffer(b, np.uint16)[: len(head)].tobytes() == head.tobytes()]
+    assert len(hits) == 1
+    return int(hits[0][len(head)]) if len(head) < len(hits[0]) else EOS_ID
+
+
+def test_concat_window_trains_every_position(tmp_path):
+    """A concat window has seq_len targets: the next token of every position, the last one's being the
+    first input of the next window of the stream (the stride stays seq_len: the inputs tile the stream)."""
+    rng = np.random.default_rng(3)
+    shards, sentences = write_source(tmp_path, [rng.integers(1, 4, rng.integers(3, 9)).tolist() for _ in range(5)])
+    L = 300
+    w = SourceWindows(shards, seq_len=L, mode="concat", seed=2)
+    assert w.per_epoch == (int(shards.tokens.sum()) + 2 * len(shards)) // L  # unchanged: nothing skipped
+    for e in (0, 1):
+        windows = [w.window_at(e, p) for p in range(w.per_epoch)]
+        for p, (ids, targets, pos) in enumerate(windows):
+            assert pos is None and len(ids) == len(targets) == L
+            assert (targets != IGNORE_INDEX).sum() == L
+            assert np.array_equal(targets[:-1], ids[1:])
+            if p + 1 < w.per_epoch:
+                assert targets[-1] == windows[p + 1][0][0]
+        stream = np.concatenate([x[0] for x in windows])
+        assert windows[-1][1][-1] == next_in_stream(stream, sentences)  # read from the epoch's dropped remainder
+    i = 7  # window i of the source is window read_position(e, i) of its epoch, targets included
+    e, r = divmod(i, w.per_epoch)
+    for a, b in zip(w.window(i), w.window_at(e, w.read_position(e, r)), strict=True):
+        assert a is None and b is None or np.array_equal(a, b)
+
+
+def test_concat_stream_ending_with_the_last_window_gives_bos(tmp_path):
+    """Epoch tokens a multiple of seq_len: the last window's last target is the BOS that starts every stream."""
+    shards, _ = write_source(tmp_path, [[1] * 4, [1] * 2])
+    w = SourceWindows(shards, seq_len=2 * 258, mode="concat", seed=0)
+    assert w.per_epoch == 3
+    for p in range(3):
+        ids, targets, _ = w.window_at(0, p)
+        assert ids[0] == BOS_ID and ids[-1] == EOS_ID and targets[-1] == BOS_ID and (targets != IGNORE_INDEX).sum() == 516
+
+
+def tiny_model(seq_len):
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(llama_config("tiny", seq_len), attn_implementation="sdpa").eval()
+
+
+def test_model_loss_is_the_mean_over_all_seq_len_targets(tmp_path):
+    """The loss the trainer backpropagates (the model's, from Batch.model_inputs) and the per-window NLL of
+    mixtures are cross-entropy over all seq_len positions of each concat window, the last one included."""
+    rng = np.random.default_rng(5)
+    shards, _ = write_source(tmp_path, [rng.integers(1, 4, 6).tolist() for _ in range(3)])
+    L = 200
+    w = SourceWindows(shards, seq_len=L, mode="concat", seed=1)
+    batch = DistributedLoader(w, 3).next_batch()
+    want = []  # each window's inputs shifted by one, then the first input of the next window of the stream
+    for g in range(3):
+        p = w.read_position(0, g)
+        assert p + 1 < w.per_epoch
+        want.append(np.concatenate([w.window_at(0, p)[0][1:], w.window_at(0, p + 1)[0][:1]]))
+    want = torch.from_numpy(np.stack(want))
+    assert torch.equal(batch.targets, want)
+    inputs = batch.model_inputs()
+    assert inputs["labels"] is inputs["shift_labels"] and "position_ids" not in inputs
+    model = tiny_model(L)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False)
+    logits = out.logits.float()
+    vocab = logits.shape[-1]
+    nll = F.cross_entropy(logits.reshape(-1, vocab), want.reshape(-1), reduction="none").reshape(3, L)
+    assert torch.allclose(out.loss, nll.mean(), atol=1e-6, rtol=1e-6)
+    # the last position counts: without it (seq_len - 1 targets) the mean differs
+    assert abs(nll.mean() - nll[:, :-1].mean()) > 1e-5 and abs(out.loss - nll[:, :-1].mean()) > 1e-6
+    sums, counts = window_nll(logits, inputs["shift_labels"])
+    assert counts.tolist() == [L] * 3 and torch.allclose(sums, nll.sum(1).double(), rtol=1e-6)
+
+
+def test_sentence_window_loss_equals_evaluation_of_its_sentences(tmp_path):
+    """Sentence packing: the loss of a packed window is the NLL evaluation gives its sentences alone (no target
+    across a sentence boundary; a truncated sentence trains the seq_len targets evaluation scores)."""
+    shards, _ = write_source(tmp_path, [[1, 2, 5]])  # 258, 514 and 1282 tokens: the last one is truncated
+    L = 1100
+    w = SourceWindows(shards, seq_len=L, mode="sentence", seed=0)
+    assert w.per_epoch == 2
+    model = tiny_model(L)
+    for p in range(2):
+        ids, targets, pos = w.window_at(0, p)
+        inputs = Batch(*(torch.from_numpy(x)[None] for x in (ids, targets, pos))).model_inputs()
+        with torch.no_grad():
+            out = model(**inputs, **packed_attention_kwargs(inputs["position_ids"], "sdpa", torch.float32), use_cache=False)
+        _, members = w.bin_sentences(0, p)
+        alone = [token_losses(model, [sentence_ids(shards, int(i), L)], "cpu")[0] for i in members]
+        n = sum(len(x) for x in alone)
+        assert (targets != IGNORE_INDEX).sum() == n == (L if p == 0 else 257 + 513)
+        assert abs(float(out.loss) - sum(float(x.sum()) for x in alone) / n) < 1e-4
+        sums, counts = window_nll(out.logits, inputs["shift_labels"])
+        assert counts.item() == n and abs(sums.item() / n - float(out.loss)) < 1e-5
+
+
 def test_consecutive_windows_come_from_different_shards(tmp_path):
     shards, sentences = write_source(tmp_path, [[1] * 40 for _ in range(20)])
     w = SourceWindows(shards, seq_len=258 * 2, mode="concat", seed=0)  # two whole sentences per window
@@ -103,17 +209,24 @@ def test_sentence_mode_packs_each_sentence_once_per_epoch(tmp_path):
     for e in (0, 1):
         seen = []
         for p in range(w.per_epoch):
-            ids, labels, pos = w.window_at(e, p)
+            ids, targets, pos = w.window_at(e, p)
             s, members = w.bin_sentences(e, p)
             seen += [(s, int(i)) for i in members]
-            assert (labels[ids == PAD_ID] == IGNORE_INDEX).all() and (labels[ids == BOS_ID] == IGNORE_INDEX).all()
+            assert len(ids) == len(targets) == len(pos) == L
+            assert (targets[ids == PAD_ID] == IGNORE_INDEX).all() and not (targets == BOS_ID).any()
             starts = np.flatnonzero(pos == 0)
             assert ids[0] == BOS_ID and len(starts) >= len(members)
+            want = np.full(L, IGNORE_INDEX)
             for k, i in enumerate(members):  # each sentence as written, cut to the window
                 tokens = shards.shard(s).sentence(int(i))
+                full = np.concatenate([[BOS_ID], tokens, [EOS_ID]])
                 a = starts[k]
-                n = min(len(tokens) + 2, L)
-                assert ids[a] == BOS_ID and np.array_equal(ids[a + 1 : a + min(n, len(tokens) + 1)], tokens[: n - 1])
+                n = min(len(full), L)
+                assert np.array_equal(ids[a : a + n], full[:n])
+                # targets: the next token inside the sentence; a truncated sentence keeps its last one (token L + 1)
+                n_targets = L if len(full) > L else n - 1
+                want[a : a + n_targets] = full[1 : 1 + n_targets]
+            assert np.array_equal(targets, want)
         assert sorted(seen) == sorted(sentences.values())
     assert [w.bin_sentences(0, p)[1].tolist() for p in range(5)] != [w.bin_sentences(1, p)[1].tolist() for p in range(5)]
 
@@ -123,8 +236,10 @@ def test_sentence_mode_logits_equal_alone(tmp_path):
     shards, _ = write_source(tmp_path, [[1, 1, 2]])
     w = SourceWindows(shards, seq_len=1100, mode="sentence", seed=0)  # 258 + 258 + 514 tokens fit in one window
     assert w.per_epoch == 1
-    ids, labels, pos = w.window(0)
-    assert (labels[ids == PAD_ID] == IGNORE_INDEX).all() and (labels[ids == BOS_ID] == IGNORE_INDEX).all()
+    ids, targets, pos = w.window(0)
+    assert (targets[ids == PAD_ID] == IGNORE_INDEX).all() and not (targets == BOS_ID).any()
+    assert (targets[ids == EOS_ID] == IGNORE_INDEX).all()  # nothing is predicted across a sentence boundary
+    assert (targets != IGNORE_INDEX).sum() == 257 + 257 + 513
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(llama_config("tiny", 1100), attn_implementation="sdpa").eval()
     with torch.no_grad():
@@ -178,6 +293,7 @@ def test_ranks_read_disjoint_windows_and_resume_exactly(three_sources):
             read[r] += loader.indices()
             batch = loader.next_batch()
             assert torch.equal(batch.input_ids[0], torch.from_numpy(m.window(read[r][-2])[0]))
+            assert torch.equal(batch.targets[0], torch.from_numpy(m.window(read[r][-2])[1]))
             assert batch.sources.tolist() == [m.schedule.at(g)[0] for g in read[r][-2:]]
     assert not set(read[0]) & set(read[1]) and sorted(read[0] + read[1]) == list(range(100))
     assert ranks[0].tokens_by_source() == {n: int(c) * 256 for n, c in zip("abc", m.schedule.drawn(100), strict=True)}
@@ -190,6 +306,7 @@ def test_ranks_read_disjoint_windows_and_resume_exactly(three_sources):
     fresh.load_state_dict({**ranks[0].state_dict(), "windows_consumed": 20})
     got = fresh.next_batch()
     assert torch.equal(got.input_ids, expected.input_ids) and torch.equal(got.sources, expected.sources)
+    assert torch.equal(got.targets, expected.targets)
 
     other = DistributedLoader(MixtureWindows(three_sources, ["a", "b", "c"], [0.2, 0.3, 0.5]), 2, 0, 2)
     with pytest.raises(ValueError, match="schedule"):

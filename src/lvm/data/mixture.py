@@ -27,6 +27,8 @@ import torch
 from lvm.data.packing import Batch, SourceWindows
 
 PERIOD = 1 << 16
+# The order and the inputs of the windows. Unchanged when windows gained the target of their last position
+# (a concat window reads one token more, the next window's first): the same windows follow a resume.
 STREAM_FORMAT = "lvm-windows/2"
 
 
@@ -92,10 +94,10 @@ class MixtureWindows:
         self.schedule = WeightedSchedule(self.weights)
 
     def window(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-        """(input_ids, labels, position_ids or None, source index) of global window g."""
+        """(input_ids, targets, position_ids or None, source index) of global window g."""
         s, i = self.schedule.at(g)
-        ids, labels, pos = self.sources[s].window(i)
-        return ids, labels, pos, s
+        ids, targets, pos = self.sources[s].window(i)
+        return ids, targets, pos, s
 
     def identity(self) -> dict:
         return {"seq_len": self.seq_len, "mode": self.mode, "seed": self.seed,
@@ -128,12 +130,12 @@ class DistributedLoader:
     def _make(self, first: int) -> Batch:
         parts = [self.windows.window(g) for g in range(first, first + self.micro_batch)]
         ids = torch.from_numpy(np.stack([p[0] for p in parts]))
-        labels = torch.from_numpy(np.stack([p[1] for p in parts]))
+        targets = torch.from_numpy(np.stack([p[1] for p in parts]))
         pos = torch.from_numpy(np.stack([p[2] for p in parts])) if parts[0][2] is not None else None
-        batch = Batch(ids, labels, pos, torch.tensor([p[3] for p in parts], dtype=torch.long))
+        batch = Batch(ids, targets, pos, torch.tensor([p[3] for p in parts], dtype=torch.long))
         if self.pin:  # CUDA only: page-locked host memory for asynchronous copies
             batch = Batch(*(t.pin_memory() if t is not None else None
-                            for t in (batch.input_ids, batch.labels, batch.position_ids)), batch.sources)
+                            for t in (batch.input_ids, batch.targets, batch.position_ids)), batch.sources)
         return batch
 
     def next_batch(self) -> Batch:
@@ -170,7 +172,8 @@ class DistributedLoader:
         return self.windows.schedule.drawn(self.windows_consumed)
 
     def tokens_by_source(self) -> dict[str, int]:
-        """Tokens of the windows drawn so far from each source, by all ranks (seq_len per window)."""
+        """Tokens of the windows drawn so far from each source, by all ranks (seq_len per window: the stream's
+        stride; a concat window also reads the next window's first token, as its last target)."""
         n = self.windows_by_source()
         return {name: int(n[k]) * self.windows.seq_len for k, name in enumerate(self.windows.names)}
 

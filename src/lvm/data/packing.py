@@ -1,13 +1,25 @@
 """Visual sentences of one source -> fixed-length training windows, deterministic and directly addressable.
 
-Every sentence becomes `[BOS] tokens [EOS]`. Two ways to fill `seq_len`-token windows:
+Every sentence becomes `[BOS] tokens [EOS]`. A window is `seq_len` input positions and, for each,
+its target: the token that follows it (`targets[t]` is predicted from positions <= t; already shifted,
+so the loss does no shift of its own, see `Batch.model_inputs`), or IGNORE_INDEX where nothing is to be
+predicted. Two ways to fill the windows:
 
 - `concat` (default, as LVM/EasyLM): per epoch, the sentences in a seeded shuffled order are
-  concatenated into one stream that is cut into windows; the remainder of an epoch is dropped.
+  concatenated into one stream that is cut into windows; the remainder of an epoch is dropped. Window p
+  reads stream tokens [p L, p L + L + 1) (as Megatron / GPT-NeoX / TinyLlama): the first L are its inputs,
+  the last L its targets, so consecutive windows overlap by one token, every position is trained and the
+  first token of a window is the target of the previous window's last position. The stride stays L:
+  the inputs of the epoch's windows are the stream cut into L-token pieces, nothing skipped. The epoch's
+  last window may end exactly at the stream's end (when the epoch's tokens are a multiple of L); its last
+  target is then BOS, the first token of any stream (every sentence, hence every epoch, begins with it):
+  what follows the stream's final EOS in the concatenation of epochs.
 - `sentence`: whole sentences are packed best-fit-decreasing into windows and never split (a sentence
   longer than a window is truncated to it); the rest is PAD, which is never a target. `position_ids`
-  restart at 0 for every sentence, so attention never crosses sentences, and the first token of each
-  sentence is not a target (it would be predicted from the previous one). Packing works per shard, from
+  restart at 0 for every sentence, so attention never crosses sentences, and targets never cross them
+  either: a sentence's last position (EOS) has none, and the first token of each sentence is no target.
+  A sentence truncated to the window keeps the target of its last position (its token L + 1), so it
+  trains L targets, as the evaluation (`lvm.eval.perplexity`) scores it. Packing works per shard, from
   the shard's counts of sentences per length (recorded when it was written), so the number of windows
   of every shard is known before any shard is read. A window never mixes shards: a shard's partly
   filled windows are not topped up from other shards (negligible for shards of thousands of
@@ -179,14 +191,24 @@ def n_bins(length_counts: tuple[tuple[int, int], ...], capacity: int) -> int:
 @dataclass
 class Batch:
     input_ids: torch.Tensor
-    labels: torch.Tensor
+    targets: torch.Tensor  # targets[b, t]: the token position t predicts (already shifted), or IGNORE_INDEX
     position_ids: torch.Tensor | None = None
     sources: torch.Tensor | None = None  # source index of each window (a mixture's)
 
-    def model_inputs(self) -> dict:
-        d = {"input_ids": self.input_ids, "labels": self.labels}
+    def model_inputs(self, device: torch.device | str | None = None) -> dict:
+        """Keyword arguments of LlamaForCausalLM (on `device`, each tensor moved once).
+
+        The targets go in as `shift_labels`, which transformers' causal-LM loss (`ForCausalLMLoss`) and
+        Liger's fused linear cross-entropy use as given, without shifting `labels` by one; `labels` (the
+        same tensor) only tells the model to compute the loss. So the loss is the mean over every position
+        with a target: seq_len per concat window."""
+        def move(t):
+            return t if device is None else t.to(device, non_blocking=True)
+
+        targets = move(self.targets)
+        d = {"input_ids": move(self.input_ids), "labels": targets, "shift_labels": targets}
         if self.position_ids is not None:
-            d["position_ids"] = self.position_ids
+            d["position_ids"] = move(self.position_ids)
         return d
 
 
@@ -256,7 +278,7 @@ class SourceWindows:
         return c * self.chunk + feistel(q, size, mix64(self.seed, self.stream, e, c))
 
     def window(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(input_ids, labels, position_ids or None) of the source's window i."""
+        """(input_ids, targets, position_ids or None) of the source's window i (targets: see the module doc)."""
         e, w = divmod(i, self.per_epoch)
         return self.window_at(e, self.read_position(e, w))
 
@@ -282,11 +304,14 @@ class SourceWindows:
         return self._layouts.get_or((e, s, b), make)
 
     def _concat_window(self, e: int, p: int):
+        """Stream tokens [p L, p L + L + 1) of epoch e: L inputs and the L targets after them."""
         L = self.seq_len
+        n = L + 1
         perm, cum = self.epoch_layout(e)
+        end = min(p * L + n, int(cum[-1]))  # the epoch's stream ends at cum[-1] >= per_epoch * L
         pieces = []  # (shard, a0, a1, begin, take): tokens [begin, begin+take) of [BOS] values[a0:a1] [EOS]
-        pos, at = p * L, 0
-        while at < L:
+        pos = p * L
+        while pos < end:
             j = int(np.searchsorted(cum, pos, side="right")) - 1
             s = int(perm[j])
             shard = self.shards.shard(s)
@@ -296,22 +321,24 @@ class SourceWindows:
             order, ends = self._block(e, s, b, shard)
             ob = o - int(starts[b])
             k = int(np.searchsorted(ends, ob, side="right"))
-            while at < L and k < len(order):
+            while pos < end and k < len(order):
                 i = int(order[k])
                 a0, a1 = int(shard.offsets[i]), int(shard.offsets[i + 1])
-                n = a1 - a0 + 2
-                begin = ob - (int(ends[k]) - n)
-                take = min(n - begin, L - at)
+                m = a1 - a0 + 2
+                begin = ob - (int(ends[k]) - m)
+                take = min(m - begin, end - pos)
                 pieces.append((shard, a0, a1, begin, take))
-                at, pos, ob, k = at + take, pos + take, ob + take, k + 1
+                pos, ob, k = pos + take, ob + take, k + 1
         for shard, a0, a1, _, _ in pieces:  # the pieces are read from storage in parallel, not one by one
             shard.willneed(a0, a1)
-        out = np.empty(L, np.int64)
+        out = np.empty(n, np.int64)
         at = 0
         for shard, a0, a1, begin, take in pieces:
             _fill(out, at, shard, a0, a1, begin, take)
             at += take
-        return out, out.copy(), None
+        if at < n:  # the stream ended with this window's inputs: what follows its last EOS is a BOS
+            out[at:] = BOS_ID
+        return out[:L], out[1:].copy(), None
 
     # --- sentence --------------------------------------------------------------------------------
     def _types(self, s: int, shard):
@@ -361,8 +388,8 @@ class SourceWindows:
         L = self.seq_len
         s, members = self.bin_sentences(e, p)
         shard = self.shards.shard(s)
-        ids = np.full(L, PAD_ID, np.int64)
-        labels = np.full(L, IGNORE_INDEX, np.int64)
+        ids = np.full(L + 1, PAD_ID, np.int64)  # one more: the target of a truncated sentence's last position
+        targets = np.full(L, IGNORE_INDEX, np.int64)
         pos_ids = np.zeros(L, np.int64)
         members = members.tolist()
         for i in members:  # read from storage in parallel, not one by one
@@ -370,13 +397,14 @@ class SourceWindows:
         at = 0
         for i in members:
             a0, a1 = int(shard.offsets[i]), int(shard.offsets[i + 1])
-            n = min(a1 - a0 + 2, L)
-            _fill(ids, at, shard, a0, a1, 0, n)
-            labels[at + 1 : at + n] = ids[at + 1 : at + n]
+            n = min(a1 - a0 + 2, L)  # positions it takes
+            _fill(ids, at, shard, a0, a1, 0, min(a1 - a0 + 2, L + 1))  # a truncated one (alone): L + 1 tokens
+            last = n if a1 - a0 + 2 > L else n - 1  # positions with a target inside the sentence
+            targets[at : at + last] = ids[at + 1 : at + 1 + last]
             pos_ids[at : at + n] = np.arange(n)
             at += n
         pos_ids[at:] = np.arange(L - at)
-        return ids, labels, pos_ids
+        return ids[:L].copy(), targets, pos_ids
 
     def identity(self) -> dict:
         sh = self.shards

@@ -79,12 +79,15 @@ def build_model(cfg, ds: dict, grad_ckpt: bool, attention: str = "sdpa"):
 
 
 @torch.no_grad()
-def window_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL sum and target count of each window (float64), one window at a time (bounded memory)."""
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL sum and target count of each window (float64), one window at a time (bounded memory).
+
+    `targets` are already shifted (`lvm.data.packing.Batch.targets`): logits[b, t] is scored against
+    targets[b, t], every position, as the model's own loss does with `shift_labels`."""
     sums, counts = [], []
     for b in range(logits.shape[0]):
-        target = labels[b, 1:]
-        sums.append(F.cross_entropy(logits[b, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum"))
+        target = targets[b]
+        sums.append(F.cross_entropy(logits[b].float(), target, ignore_index=IGNORE_INDEX, reduction="sum"))
         counts.append((target != IGNORE_INDEX).sum())
     return torch.stack(sums).double(), torch.stack(counts).double()
 
@@ -257,10 +260,10 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         nonfinite = torch.zeros((), device=device)
         for micro in range(opts.grad_accum):
             b = loader.next_batch()
-            inputs = b.model_inputs()
-            tokens, sum_sq = window_work(b.input_ids, inputs.get("position_ids"), PAD_ID)
+            # work: the seq_len input positions of each window (a concat window's extra token is only a target)
+            tokens, sum_sq = window_work(b.input_ids, b.position_ids, PAD_ID)
             work = [work[0] + tokens, work[1] + b.input_ids.numel(), work[2] + window_flops(cfg, tokens, sum_sq)]
-            batch = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            batch = b.model_inputs(device)  # the loss: mean over every position with a target (shift_labels)
             out = engine(**batch, **packed_attention_kwargs(batch.get("position_ids"), attn, dtype), use_cache=False)
             loss = out.loss
             ok = torch.isfinite(loss.detach())
@@ -268,7 +271,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             win_loss += torch.where(ok, loss.detach().double(), 0.0)
             win_n += ok
             if len(names) > 1:
-                nll, cnt = window_nll(out.logits.detach(), batch["labels"])
+                nll, cnt = window_nll(out.logits.detach(), batch["shift_labels"])
                 src = b.sources.to(device)
                 src_nll.index_add_(0, src, torch.where(ok, nll, 0.0))
                 src_n.index_add_(0, src, torch.where(ok, cnt, 0.0))
