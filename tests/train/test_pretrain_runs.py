@@ -37,6 +37,41 @@ def test_loss_falls_with_two_ranks(train_shards, tmp_path, stage):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000030"]
 
 
+def test_logged_loss_is_cross_entropy_over_every_position(train_shards, tmp_path):
+    """A real run's step-1 loss is the cross-entropy, under the initial weights, of all seq_len targets of each
+    window of its micro-batch: a window's inputs shifted by one, then the first input of the next window."""
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import LlamaConfig
+
+    from lvm.data.mixture import DistributedLoader
+    from lvm.train.data_setup import build_windows, open_data
+    from lvm.train.trainer import build_model
+
+    run = tmp_path / "one"
+    run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "3", "--save-every", "100"))
+    logged = read_metrics(run)[1]["loss"]
+
+    sources, _ = open_data(str(train_shards))
+    windows = build_windows(sources, 256, "concat", 0, None)
+    batch = DistributedLoader(windows, 2).next_batch()  # rank 0's first micro-batch: global windows 0 and 1
+    w = windows.sources[0]
+    want = []
+    for g in range(2):
+        p = w.read_position(0, g)
+        assert p + 1 < w.per_epoch
+        want.append(np.concatenate([w.window_at(0, p)[0][1:], w.window_at(0, p + 1)[0][:1]]))
+    want = torch.from_numpy(np.stack(want))
+    torch.manual_seed(0)  # the run's --seed: the same initial weights
+    model, _ = build_model(LlamaConfig.from_json_file(run / "model_config.json"), json.loads((run / "ds_config.json").read_text()),
+                           False, "sdpa")
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), want.reshape(-1), reduction="none").view(2, 256)
+    assert abs(logged - nll.mean().item()) < 1e-5, (logged, nll.mean().item())
+    assert abs(logged - nll[:, :-1].mean().item()) > 1e-5  # not the seq_len - 1 targets of unshifted labels
+
+
 def test_mixture_resume_equals_uninterrupted_and_survives_sigkill(train_shards, second_source, tmp_path):
     """Two weighted sources: resume (from a checkpoint, and after SIGKILL) continues the exact stream."""
     sources = [train_shards, second_source]
