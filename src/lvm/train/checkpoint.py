@@ -39,16 +39,46 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """This process's generators: Python's, NumPy's, torch's CPU one and its own CUDA device's (the current
+    device only: another process may see other GPUs, or fewer, when it resumes)."""
+    cuda = torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state: dict) -> None:
+def gather_rng_states() -> dict:
+    """Every rank's `rng_state()`, by rank: `{"ranks": [...]}` (a collective where a process group of several
+    ranks is up). ZeRO-1/2 write the client state once, from rank 0, so each rank's own state travels in it."""
+    import torch.distributed as dist
+
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {"ranks": [mine]}
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return {"ranks": states}
+
+
+def set_rng_state(state: dict, rank: int = 0) -> None:
+    """Restore rank `rank`'s generators from `gather_rng_states()` (or one `rng_state()`); the CUDA state goes to
+    this process's current device. A rank the saving run did not have keeps its seeded generators. A checkpoint
+    of an older version holds every GPU its process saw, by index: only the current device's entry is restored
+    (none where the saving process saw fewer devices)."""
+    if "ranks" in state:
+        if rank >= len(state["ranks"]):
+            return
+        state = state["ranks"][rank]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 VERSION_KEYS = ("transformers_version", "torch_version", "deepspeed_version")

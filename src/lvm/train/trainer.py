@@ -194,7 +194,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     if resume:
         client = elastic.load(engine, optimizer, where)
         loader.load_state_dict(client["loader"])
-        ckpt.set_rng_state(client["rng"])
+        ckpt.set_rng_state(client["rng"], env.rank)
         step, skipped_steps = int(client["step"]), int(client.get("skipped_steps", 0))
         log.console(elastic.describe(resume, step, env.world_size, opts, universal=where[1] != resume.tag))
     if rank0:
@@ -216,7 +216,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         tag = ckpt.tag_for(step)
         if rank0:  # before DeepSpeed's files: a tag that 'latest' names always has it
             ckpt.write_run_state(ckpt_dir / tag, elastic.run_state(step, env.world_size, opts, ds, sched, skipped_steps))
-        client = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": step, "skipped_steps": skipped_steps,
+        client = {"loader": loader.state_dict(), "rng": ckpt.gather_rng_states(), "step": step, "skipped_steps": skipped_steps,
                   "identity": identity, "options": asdict(opts), "schedule": sched.as_dict()}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
         if dist.is_initialized():
