@@ -141,3 +141,34 @@ def test_many_shards_are_opened_by_reader_threads(tmp_path):
     assert sorted(w.bin_sentences(1, p)[0] for p in range(300)) == list(range(300))
     c = SourceWindows(shards, 258 * 4, "concat", 0)
     assert c.per_epoch == 75 and sorted(c.read_position(0, i) for i in range(75)) == list(range(75))
+
+
+def test_short_reads_go_on_until_every_byte_is_read(folder, monkeypatch):
+    """Lustre/NFS may return fewer bytes than asked from one pread with the rest still to come: the read goes on
+    from where it stopped. Only a read that returns nothing (end of file) before the end is a truncated shard."""
+    import os
+
+    real = os.preadv
+    sizes = []
+
+    def short(fd, buffers, offset):  # a stand-in that returns at most 7 bytes per call (an odd count: half a token)
+        (buf,) = buffers
+        view = memoryview(buf).cast("B")
+        sizes.append(min(7, len(view)))
+        return real(fd, [view[: sizes[-1]]], offset)
+
+    shard = open_shards(folder).shard(1)
+    want = np.array(shard.values[10:300])
+    monkeypatch.setattr(os, "preadv", short)
+    got = shard.read(10, 300)
+    assert np.array_equal(got, want) and len(sizes) == -(-2 * 290 // 7)
+    calls = []
+
+    def ends_early(fd, buffers, offset):  # 7 bytes, then end of file
+        calls.append(offset)
+        return short(fd, buffers, offset) if len(calls) == 1 else 0
+
+    monkeypatch.setattr(os, "preadv", ends_early)
+    with pytest.raises(ShardError, match=r"u-00001.arrow: short read at token 10 \(7 of 580 bytes\)"):
+        shard.read(10, 300)
+    assert len(calls) == 2

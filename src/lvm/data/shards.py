@@ -157,7 +157,8 @@ def _map(path: Path) -> tuple[mmap.mmap, pa.Table]:
 class Shard:
     """One memory-mapped shard: flat token buffer and offsets as zero-copy numpy views.
 
-    With random_access (training), windows read token values with `read` (pread on the file), not
+    With random_access (training), windows read token values with `read` (pread on the file, repeated until
+    every byte is read: a parallel file system may return a short read with more to come), not
     through the mapping: a window needs a few KB at random places, and pages read through a mapping
     stay mapped, so over an epoch a rank's resident set would grow to the size of every open shard
     (page cache, reclaimable, but counted). `willneed` asks for a window's pieces first, so cold reads
@@ -188,9 +189,13 @@ class Shard:
         if self._fd is None or x1 <= x0:
             return self.values[x0:x1]
         out = np.empty(x1 - x0, np.uint16)
-        got = os.preadv(self._fd, [out], self._start + 2 * x0)
-        if got != out.nbytes:
-            raise ShardError(f"shard {self.path}: short read at token {x0} ({got} of {out.nbytes} bytes): truncated?")
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):  # a parallel file system (Lustre, NFS) may return fewer bytes than asked: go on
+            got = os.preadv(self._fd, [view[done:]], self._start + 2 * x0 + done)
+            if got == 0:  # end of file before the values end
+                raise ShardError(f"shard {self.path}: short read at token {x0} ({done} of {out.nbytes} bytes): truncated?")
+            done += got
         return out
 
     def willneed(self, a0: int, a1: int) -> None:
