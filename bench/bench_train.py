@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from lvm.data.mixture import DistributedLoader  # noqa: E402
-from lvm.data.packing import SourceWindows  # noqa: E402
+from lvm.data.packing import SourceWindows, causal_lm_loss  # noqa: E402
 from lvm.data.shards import open_shards, write_shard  # noqa: E402
 from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config  # noqa: E402
 from lvm.train.metrics import device_peak_flops  # noqa: E402
@@ -60,7 +60,7 @@ def cpu_rows(table, seq_len=1024, micro=4) -> list:
     opt = torch.optim.AdamW(param_groups(plain, 0.1), lr=1e-3, betas=(0.9, 0.95))
 
     def plain_step(b):
-        loss = plain(**b, use_cache=False).loss
+        loss = causal_lm_loss(plain, plain(**b, use_cache=False), b["shift_labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         opt.step()
@@ -71,7 +71,7 @@ def cpu_rows(table, seq_len=1024, micro=4) -> list:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
 
     def ds_step(b):
-        loss = engine(**b, use_cache=False).loss
+        loss = causal_lm_loss(engine, engine(**b, use_cache=False), b["shift_labels"])
         engine.backward(loss)
         engine.step()
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from lvm.data.mixture import DistributedLoader, MixtureWindows
-from lvm.data.packing import Batch, SourceWindows, best_fit, bin_types, feistel
+from lvm.data.packing import Batch, SourceWindows, best_fit, bin_types, causal_lm_loss, feistel
 from lvm.data.shards import open_shards, write_shard
 from lvm.eval.perplexity import sentence_ids, token_losses
 from lvm.model.attention import packed_attention_kwargs
@@ -134,16 +134,19 @@ def test_model_loss_is_the_mean_over_all_seq_len_targets(tmp_path):
     want = torch.from_numpy(np.stack(want))
     assert torch.equal(batch.targets, want)
     inputs = batch.model_inputs()
-    assert inputs["labels"] is inputs["shift_labels"] and "position_ids" not in inputs
+    # the targets go in once, as shift_labels (used as given); no `labels` for the model to shift
+    assert sorted(inputs) == ["input_ids", "shift_labels"] and torch.equal(inputs["shift_labels"], want)
     model = tiny_model(L)
     with torch.no_grad():
         out = model(**inputs, use_cache=False)
+        loss = causal_lm_loss(model, out, inputs["shift_labels"])
+    assert out.loss is None  # transformers' LlamaForCausalLM computes a loss only when given labels
     logits = out.logits.float()
     vocab = logits.shape[-1]
     nll = F.cross_entropy(logits.reshape(-1, vocab), want.reshape(-1), reduction="none").reshape(3, L)
-    assert torch.allclose(out.loss, nll.mean(), atol=1e-6, rtol=1e-6)
+    assert torch.allclose(loss, nll.mean(), atol=1e-6, rtol=1e-6)
     # the last position counts: without it (seq_len - 1 targets) the mean differs
-    assert abs(nll.mean() - nll[:, :-1].mean()) > 1e-5 and abs(out.loss - nll[:, :-1].mean()) > 1e-6
+    assert abs(nll.mean() - nll[:, :-1].mean()) > 1e-5 and abs(loss - nll[:, :-1].mean()) > 1e-6
     sums, counts = window_nll(logits, inputs["shift_labels"])
     assert counts.tolist() == [L] * 3 and torch.allclose(sums, nll.sum(1).double(), rtol=1e-6)
 
@@ -159,15 +162,26 @@ def test_sentence_window_loss_equals_evaluation_of_its_sentences(tmp_path):
     for p in range(2):
         ids, targets, pos = w.window_at(0, p)
         inputs = Batch(*(torch.from_numpy(x)[None] for x in (ids, targets, pos))).model_inputs()
+        assert "labels" not in inputs
         with torch.no_grad():
             out = model(**inputs, **packed_attention_kwargs(inputs["position_ids"], "sdpa", torch.float32), use_cache=False)
+            loss = float(causal_lm_loss(model, out, inputs["shift_labels"]))
         _, members = w.bin_sentences(0, p)
         alone = [token_losses(model, [sentence_ids(shards, int(i), L)], "cpu")[0] for i in members]
         n = sum(len(x) for x in alone)
         assert (targets != IGNORE_INDEX).sum() == n == (L if p == 0 else 257 + 513)
-        assert abs(float(out.loss) - sum(float(x.sum()) for x in alone) / n) < 1e-4
+        assert abs(loss - sum(float(x.sum()) for x in alone) / n) < 1e-4
         sums, counts = window_nll(out.logits, inputs["shift_labels"])
-        assert counts.item() == n and abs(sums.item() / n - float(out.loss)) < 1e-5
+        assert counts.item() == n and abs(sums.item() / n - loss) < 1e-5
+
+
+def test_a_loss_the_model_computes_from_shift_labels_is_kept():
+    """A forward that computes the loss itself from shift_labels alone (Liger's, whose fused linear cross-entropy
+    never materialises the logits) is trusted as is; the plain model's logits are scored otherwise."""
+    from types import SimpleNamespace
+
+    own = torch.tensor(1.25)
+    assert causal_lm_loss(None, SimpleNamespace(loss=own, logits=None), torch.zeros(1, 4, dtype=torch.long)) is own
 
 
 def test_consecutive_windows_come_from_different_shards(tmp_path):

@@ -198,18 +198,28 @@ class Batch:
     def model_inputs(self, device: torch.device | str | None = None) -> dict:
         """Keyword arguments of LlamaForCausalLM (on `device`, each tensor moved once).
 
-        The targets go in as `shift_labels`, which transformers' causal-LM loss (`ForCausalLMLoss`) and
-        Liger's fused linear cross-entropy use as given, without shifting `labels` by one; `labels` (the
-        same tensor) only tells the model to compute the loss. So the loss is the mean over every position
-        with a target: seq_len per concat window."""
+        The targets go in once, as `shift_labels`: used as given (never shifted by one) by transformers'
+        causal-LM loss (`ForCausalLMLoss`) and by Liger's forward, whose fused linear cross-entropy computes
+        the loss from them alone. No `labels`: transformers would shift those. `causal_lm_loss` gives the
+        loss of the output: the mean over every position with a target, seq_len per concat window."""
         def move(t):
             return t if device is None else t.to(device, non_blocking=True)
 
-        targets = move(self.targets)
-        d = {"input_ids": move(self.input_ids), "labels": targets, "shift_labels": targets}
+        d = {"input_ids": move(self.input_ids), "shift_labels": move(self.targets)}
         if self.position_ids is not None:
             d["position_ids"] = move(self.position_ids)
         return d
+
+
+def causal_lm_loss(model, out, shift_labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a forward of `model` (a LlamaForCausalLM, or the DeepSpeed engine around one) given
+    `Batch.model_inputs`: its own where the forward computed one from shift_labels (Liger's), else the model's
+    `loss_function` (transformers' ForCausalLMLoss) over the logits and shift_labels as given: transformers'
+    LlamaForCausalLM.forward computes a loss only when `labels` is passed."""
+    if out.loss is not None:
+        return out.loss
+    module = getattr(model, "module", model)  # the engine's model
+    return module.loss_function(logits=out.logits, labels=None, shift_labels=shift_labels, vocab_size=module.config.vocab_size)
 
 
 class _LRU(OrderedDict):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lvm.data.mixture import DistributedLoader
+from lvm.data.packing import causal_lm_loss
 from lvm.data.shards import ShardError
 from lvm.launch_env import export_torch_env, launch_env, local_device
 from lvm.model.attention import packed_attention_kwargs, resolve_attention
@@ -265,7 +266,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             work = [work[0] + tokens, work[1] + b.input_ids.numel(), work[2] + window_flops(cfg, tokens, sum_sq)]
             batch = b.model_inputs(device)  # the loss: mean over every position with a target (shift_labels)
             out = engine(**batch, **packed_attention_kwargs(batch.get("position_ids"), attn, dtype), use_cache=False)
-            loss = out.loss
+            loss = causal_lm_loss(engine, out, batch["shift_labels"])
             ok = torch.isfinite(loss.detach())
             nonfinite += ~ok
             win_loss += torch.where(ok, loss.detach().double(), 0.0)
