@@ -19,8 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = BuildConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", "--manifest", dest="inputs", action="append", required=True, metavar="SPEC",
-                   help="a JSONL manifest, a folder of *.jsonl, a webdataset .tar, or a pattern of tars "
-                        "('laion/{00000..09999}.tar', 'laion/*.tar'); repeatable")
+                   help="a JSONL manifest, a folder of *.jsonl (or of tars), a webdataset .tar (.tar.gz, .tgz), or a "
+                        "pattern of tars ('laion/{00000..09999}.tar', 'laion/*.tar'); repeatable")
     p.add_argument("--out", required=True, help="output folder: train/, val/, tokenizer.json, index.json, report.json")
     p.add_argument("--tokenizer", default=d.tokenizer,
                    help="vqgan:<dir> (local MaskGIT/MUSE VQGAN weights), patch-kmeans:<dir>, or patch-kmeans "

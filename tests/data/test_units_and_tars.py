@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvm.data.build import BuildConfig, build_shards
+from lvm.data.build import BuildConfig, build_shards, decoded_stream
+from lvm.data.manifest import Skip
 from lvm.data.shards import read_shard
 from lvm.data.units import InputError, expand_spec, plan_units, read_lines
 from tests.conftest import scene, write_mp4
@@ -120,6 +121,46 @@ def test_expand_spec_braces_globs_folders(tars, tmp_path):
         (tmp_path / sub / "00000.tar").write_bytes(b"")
     names = [u.name for u in plan_units([f"{tmp_path}/{{a,b}}/00000.tar"])]
     assert names == ["a__00000", "b__00000"]  # same file name in two folders: told apart
+
+
+def stream_ids(units) -> list[str]:
+    """Sentence ids (of samples and of skipped samples) make_shards gives the units' tars, in order."""
+    cfg = BuildConfig(workers=0)
+    return [it.sentence if isinstance(it, Skip) else it[0].id for u in units for it in decoded_stream(u, cfg, None)]
+
+
+def test_same_tar_names_in_two_folders_give_distinct_sample_ids(tmp_path):
+    """laion/00000.tar and coyo/00000.tar (img2dataset numbers every output from 00000): a sample id keeps the tar's
+    path below the inputs' common folder, so the two never collide (in the shards, the split and the report)."""
+    for sub in ("laion", "coyo"):
+        (tmp_path / sub).mkdir()
+        write_tar(tmp_path / sub / "00000.tar", [("000000000", {"jpg": encoded(1, "JPEG")}), ("000000001", {"txt": b"x"})])
+    units = plan_units([f"{tmp_path}/{{laion,coyo}}/*.tar"])
+    assert stream_ids(units) == ["laion/00000.tar/000000000", "laion/00000.tar/000000001",
+                                 "coyo/00000.tar/000000000", "coyo/00000.tar/000000001"]
+    # one folder of tars (or one tar): the tar's file name, as before
+    assert stream_ids(plan_units([f"{tmp_path}/coyo/*.tar"])) == ["00000.tar/000000000", "00000.tar/000000001"]
+
+
+def test_gzipped_tars_are_read_as_a_stream(tmp_path):
+    samples = [(f"0000{i:05d}", {"jpg": encoded(10 + i, "JPEG"), "json": meta(str(i))}) for i in range(4)]
+    write_tar(tmp_path / "00000.tar", samples)
+    raw = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").unlink()
+    import gzip
+
+    (tmp_path / "00001.tar.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "00002.tgz").write_bytes(gzip.compress(raw))
+    (tmp_path / "00003.tar.gz").write_bytes(gzip.compress(raw)[: len(gzip.compress(raw)) * 3 // 5])  # cut mid-stream
+    assert [Path(f).name for f in expand_spec(str(tmp_path))] == ["00001.tar.gz", "00002.tgz", "00003.tar.gz"]
+    units = plan_units([str(tmp_path)], part_bytes=100)  # a tar is never cut into parts
+    assert [(u.name, u.kind) for u in units] == [("00001", "tar"), ("00002", "tar"), ("00003", "tar")]
+    ids = stream_ids(units)
+    keys = [k for k, _ in samples]
+    assert ids[:8] == [f"00001.tar.gz/{k}" for k in keys] + [f"00002.tgz/{k}" for k in keys]
+    cut = list(decoded_stream(units[2], BuildConfig(workers=0), None))
+    assert all(not isinstance(x, Skip) for x in cut[:-1]) and 0 < len(cut) - 1 < 4  # the whole samples before the cut
+    assert isinstance(cut[-1], Skip) and "tar truncated or corrupt" in cut[-1].reason
 
 
 def test_webdataset_tars_good_kept_bad_reported(tars, small_tokenizer, tmp_path):

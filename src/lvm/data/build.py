@@ -47,7 +47,7 @@ from lvm.data.decode import decode_task
 from lvm.data.manifest import DEFAULT_MAX_IMAGES, KINDS, Sentence, Skip, iter_manifest_lines
 from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, temp_path, write_shard
 from lvm.data.units import DEFAULT_PART_BYTES, InputError, Unit, plan_units, read_lines
-from lvm.data.webdataset import Sample, iter_samples, sample_id
+from lvm.data.webdataset import Sample, iter_samples
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
 from lvm.tokenizer import load_tokenizer, parse_spec
 from lvm.tokenizer.patch_kmeans import PatchKMeansTokenizer
@@ -140,7 +140,7 @@ def decoded_stream(unit: Unit, cfg: BuildConfig, pool):
     """Per sentence of a unit, in order: (Sentence, frames) or a Skip."""
     inflight = 2 * max(cfg.workers, 1) + 2
     if unit.kind == "tar":
-        tasks = ((g, cfg.resize) for g in _task_batches(iter_samples(unit.path), SAMPLES_PER_TASK))
+        tasks = ((g, cfg.resize) for g in _task_batches(iter_samples(unit.path, unit.label), SAMPLES_PER_TASK))
         for group in ordered_map(pool, _decode_samples, tasks, inflight):
             yield from group
         return
@@ -165,7 +165,7 @@ def _decode_samples(args) -> list:
             out.append(it)
             continue
         tar = it.tar_path
-        sid = sample_id(tar, it.key)
+        sid = it.id
         res = by_index[i]
         if isinstance(res, tuple):
             out.append(Skip(source=tar, key=it.key, sentence=sid, reason=f"{it.image()[0]} member: {res[1]}"))

@@ -3,8 +3,9 @@
 An input SPEC is one of:
 
 - a JSONL manifest (`corpus/manifest.jsonl`);
-- a folder: every `*.jsonl` manifest in it (sorted), or, if it holds none, every `*.tar` in it;
-- a webdataset tar (`laion/00000.tar`);
+- a folder: every `*.jsonl` manifest in it (sorted), or, if it holds none, every tar in it (`*.tar`,
+  `*.tar.gz`, `*.tgz`);
+- a webdataset tar (`laion/00000.tar`; gzipped: `laion/00000.tar.gz` or `.tgz`, read as a stream);
 - a pattern with webdataset's brace notation and/or a glob: `laion/{00000..09999}.tar`, `laion/*.tar`,
   `{laion,coyo}/*.tar`. Braces are expanded first, then each result is globbed (sorted). A brace
   result without a glob that does not exist stays a unit and is reported as missing (a range of tars
@@ -17,7 +18,10 @@ r, r + W, ... in the order of the inputs, and planning needs only a `stat` per i
 
 A unit's name is its file name without the extension (`00000` for `laion/00000.tar`); names that
 repeat across folders get their parent folders prefixed (`laion__00000`, `coyo__00000`), and manifest
-parts get `.pNNNNN`. The name is part of every output file name and of the unit's part report.
+parts get `.pNNNNN`. The name is part of every output file name and of the unit's part report. A unit's
+label is its file's path below the common folder of all the inputs (`laion/00000.tar` and
+`coyo/00000.tar` for those two; `00000.tar` when every input lies in one folder): webdataset sample ids
+begin with it, so samples of equally named tars in different folders never share an id.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-TAR_SUFFIXES = (".tar",)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MANIFEST_SUFFIXES = (".jsonl", ".json")
 DEFAULT_PART_BYTES = 64 << 20  # a manifest larger than this is cut into parts of this many bytes
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -48,6 +52,7 @@ class Unit:
     start: int = 0       # byte range of a manifest part: [start, stop); stop -1 = to the end
     stop: int = -1
     size: int = -1       # input size in bytes when planned (-1: the file does not exist)
+    label: str = ""      # the file's path below the inputs' common folder (webdataset sample ids); "": its name
 
     @property
     def exists(self) -> bool:
@@ -81,9 +86,10 @@ def expand_spec(spec: str) -> list[str]:
             continue
         p = Path(pattern)
         if p.is_dir():
-            inner = sorted(str(q) for q in p.glob("*.jsonl")) or sorted(str(q) for q in p.glob("*.tar"))
+            inner = sorted(str(q) for q in p.glob("*.jsonl")) or sorted(
+                str(q) for q in p.iterdir() if q.is_file() and q.name.lower().endswith(TAR_SUFFIXES))
             if not inner:
-                raise InputError(f"--input {spec!r}: folder {p} holds no *.jsonl manifest and no *.tar")
+                raise InputError(f"--input {spec!r}: folder {p} holds no *.jsonl manifest and no tar (*.tar, *.tar.gz, *.tgz)")
             files.extend(inner)
         elif p.is_file() or pattern != spec:
             files.append(pattern)  # a missing member of a brace range is reported, not fatal
@@ -120,20 +126,22 @@ def plan_units(specs: list[str], part_bytes: int = DEFAULT_PART_BYTES, kind: str
         files.extend(expand_spec(spec))
     paths = [Path(f).absolute() for f in files]
     names = _unique_names(paths)
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     units: list[Unit] = []
     for path, name in zip(paths, names, strict=True):
+        label = path.relative_to(root).as_posix()
         try:
             size = path.stat().st_size
         except OSError:
             size = -1
         k = kind or _kind_of(str(path))
         if k == "tar" or size <= part_bytes:
-            units.append(Unit(name, k, str(path), size=size))
+            units.append(Unit(name, k, str(path), size=size, label=label))
             continue
         n_parts = -(-size // part_bytes)
         for j in range(n_parts):
             stop = -1 if j == n_parts - 1 else (j + 1) * part_bytes
-            units.append(Unit(f"{name}.p{j:05d}", k, str(path), j * part_bytes, stop, size))
+            units.append(Unit(f"{name}.p{j:05d}", k, str(path), j * part_bytes, stop, size, label))
     return units
 
 

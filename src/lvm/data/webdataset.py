@@ -1,4 +1,5 @@
-"""Webdataset tars read as a stream (img2dataset's layout), never extracted to disk.
+"""Webdataset tars read as a stream (img2dataset's layout), never extracted to disk; gzipped tars
+(`.tar.gz`, `.tgz`) are decompressed on the way (tarfile's stream mode detects the compression).
 
 A tar holds samples as consecutive members sharing a key: `KEY.jpg` (or .jpeg/.png/.webp) plus
 optional `KEY.json` and `KEY.txt`. As in webdataset, the key is the member path up to the first dot
@@ -8,6 +9,9 @@ of its file name and the rest is the extension (`a/000123.seg.png` -> key `a/000
 and the key: a sample without an image member, a member that cannot be read, a tar cut mid-member
 (the whole samples before the cut are kept; the sample being read is dropped), a file that is not a
 tar, a missing file. The image bytes are decoded later, by the decode workers.
+
+A sample's id is `LABEL/KEY`, LABEL naming the tar (`lvm.data.units.Unit.label`: its path below the
+common folder of the inputs, so `laion/00000.tar` and `coyo/00000.tar` give different ids).
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class Sample:
     key: str
     tar_path: str
+    label: str = ""  # what names the tar in sample ids ("": its file name)
     members: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return sample_id(self.label or self.tar_path.rsplit("/", 1)[-1], self.key)
 
     def image(self) -> tuple[str, bytes] | None:
         for ext in IMAGE_EXTS:
@@ -41,15 +50,17 @@ def split_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (ext if dot else "")
 
 
-def sample_id(tar_path: str, key: str) -> str:
-    return f"{tar_path.rsplit('/', 1)[-1]}/{key}"
+def sample_id(label: str, key: str) -> str:
+    return f"{label}/{key}"
 
 
-def iter_samples(tar_path: str):
-    """Samples (with an image) and Skips of one tar, in order; never raises for a bad tar."""
+def iter_samples(tar_path: str, label: str = ""):
+    """Samples (with an image) and Skips of one tar, in order; never raises for a bad tar. `label` names the
+    tar in sample ids (its file name when not given)."""
+    label = label or tar_path.rsplit("/", 1)[-1]
 
     def skip(key, reason):
-        return Skip(source=tar_path, reason=reason, sentence=sample_id(tar_path, key) if key else None, key=key)
+        return Skip(source=tar_path, reason=reason, sentence=sample_id(label, key) if key else None, key=key)
 
     def close(sample):
         if sample is None:
@@ -83,7 +94,7 @@ def iter_samples(tar_path: str):
                     done = close(current)
                     if done is not None:
                         yield done
-                    current = Sample(key, tar_path)
+                    current = Sample(key, tar_path, label)
                 reader = tar.extractfile(m)
                 data = reader.read() if reader is not None else b""
                 if len(data) != m.size:
