@@ -101,6 +101,11 @@ def shutdown(barrier: bool) -> None:
         dist.destroy_process_group()
 
 
+def finished_line(tag_dir: Path, step: int, max_steps: int) -> str:
+    return (f"run already finished: {tag_dir} is at step {step} of --max-steps {max_steps}; nothing to train, "
+            "nothing written (raise --max-steps to train on)")
+
+
 def train(opts: RunOptions, given: set[str]) -> int:
     try:
         rc = _train(opts, given)
@@ -146,6 +151,10 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     ckpt.check_run_identity(ckpt_dir, identity, write=False)
     if resume and resume.ckpt_dir != ckpt_dir:
         ckpt.check_run_identity(resume.ckpt_dir, identity, write=False)
+    if resume and resume.step >= opts.max_steps:  # before anything is written: a finished run's files stay as they are
+        if env.rank == 0:
+            print(finished_line(resume.ckpt_dir / resume.tag, resume.step, opts.max_steps), flush=True)
+        return 0
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank0 = env.rank == 0
@@ -197,6 +206,10 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         loader.load_state_dict(client["loader"])
         ckpt.set_rng_state(client["rng"], env.rank)
         step, skipped_steps = int(client["step"]), int(client.get("skipped_steps", 0))
+        if step >= opts.max_steps:  # a tag without run_state.json (older versions): its step is known only now
+            log.console(finished_line(where[0] / resume.tag, step, opts.max_steps))
+            log.close()
+            return 0
         log.console(elastic.describe(resume, step, env.world_size, opts, universal=where[1] != resume.tag))
     if rank0:
         ckpt.check_run_identity(ckpt_dir, identity, write=True)
