@@ -315,3 +315,24 @@ def test_lvm_token_files_round_trip_and_bad_lines(tmp_path):
     r = subprocess.run([sys.executable, str(LVM_JSONL), "import", "--jsonl", str(tmp_path / "a.jsonl"), "--kind", "video",
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--tokenizer-spec" in r.stderr
+
+
+def test_lvm_token_bad_lines_are_named_by_file_line_in_every_part(tmp_path):
+    """A large LVM token file is cut into byte-range parts (64 MiB; 2 KB here): a bad line in any part is reported
+    with its line number in the file, not counted from the start of its part."""
+    from lvm.data.lvm_tokens import import_token_files
+
+    rng = np.random.default_rng(1)
+    lines = [lvm_line(rng.integers(0, 8192, 256)) for _ in range(30)]
+    bad_at = [2, 9, 10, 17, 29]  # 1-based file line numbers
+    for n in bad_at:
+        lines[n - 1] = "not json" if n % 2 else lvm_line([9000] * 256)
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "shards"
+    assert len(plan_units([str(tmp_path / "big.jsonl")], part_bytes=2048)) > 5
+    import_token_files([str(tmp_path / "big.jsonl")], "video", str(out), "vqgan:/models/lvm-vqgan", part_bytes=2048,
+                       val_fraction=0, progress=False)
+    skipped = json.loads((out / "report.json").read_text())["skipped"]
+    assert sorted(s["line"] for s in skipped) == bad_at
+    assert sorted(s["source"] for s in skipped) == sorted(f"{tmp_path / 'big.jsonl'}:{n}" for n in bad_at)
+    assert sum(read_shard(f).num_rows for f in out.rglob("*.arrow")) == 30 - len(bad_at)

@@ -149,7 +149,8 @@ def read_lines(unit: Unit):
     """(line number or None, byte offset, raw bytes) of every line whose first byte lies in the unit's range.
 
     Line numbers are exact for a unit that starts the file; a later part does not read what lies
-    before it, so its lines are identified by their byte offset (line number None).
+    before it, so its lines are identified by their byte offset (line number None; `LineNumbers` gives
+    the number of one when it is needed).
     """
     with open(unit.path, "rb") as f:
         pos = unit.start
@@ -169,8 +170,32 @@ def read_lines(unit: Unit):
                 number += 1
 
 
+class LineNumbers:
+    """File line numbers of lines `read_lines` gives by byte offset only (a part after the first): counted when
+    asked for (a bad line to report), as the newlines before the offset. While the offsets asked for grow (a part's
+    lines in order) each byte of the file is counted at most once; nothing is read when nothing is asked."""
+
+    def __init__(self, path: str):
+        self.path, self.pos, self.line = path, 0, 1
+
+    def __call__(self, offset: int) -> int:
+        if offset < self.pos:
+            self.pos, self.line = 0, 1
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            left = offset - self.pos
+            while left > 0:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                self.line += chunk.count(b"\n")
+                left -= len(chunk)
+        self.pos = offset
+        return self.line
+
+
 def mine(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
     return units[rank::world_size]
 
 
-__all__ = ["InputError", "Unit", "expand_spec", "plan_units", "read_lines", "mine", "DEFAULT_PART_BYTES"]
+__all__ = ["InputError", "Unit", "LineNumbers", "expand_spec", "plan_units", "read_lines", "mine", "DEFAULT_PART_BYTES"]
