@@ -167,11 +167,13 @@ def prepare_load(resume: Resume | None, world_size: int, rank: int, ds: dict) ->
 
 
 def load(engine, optimizer, where: tuple[Path, str]) -> dict:
-    """engine.load_checkpoint; returns the client state. Two faults of DeepSpeed's universal load under
-    ZeRO-3 are undone: it gives every parameter group the hyper-parameters of the first (weight decay on
-    the norms), so each group's weight decay is put back as this run configured it; and it gives every
+    """engine.load_checkpoint; returns the client state. Three faults of DeepSpeed's universal load are
+    undone: under ZeRO-3 it gives every parameter group the hyper-parameters of the first (weight decay on
+    the norms), so each group's weight decay is put back as this run configured it; it gives every
     partition the same `step` tensor object, which Adam increments in place once per partition, so each
-    partition gets its own copy."""
+    partition gets its own copy; and it hands the state back as it was read (`step` on the CPU whatever
+    device the parameters are on, which torch's fused AdamW cannot read on a GPU), so every state tensor is
+    put where the optimizer wants it (`place_optimizer_state`)."""
     import torch
 
     from lvm.train.bad_steps import innermost_optimizer
@@ -186,7 +188,41 @@ def load(engine, optimizer, where: tuple[Path, str]) -> dict:
     for state in innermost_optimizer(optimizer).state.values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()
+    place_optimizer_state(optimizer)
     return client
+
+
+def place_optimizer_state(optimizer) -> None:
+    """Every state tensor of the optimizer that owns the parameter state (under DeepSpeed's wrappers) on the
+    device, and in the dtype, the optimizer expects. For torch's own optimizers, what their `_init_group`
+    makes and their `load_state_dict` restores: `step` a float32 tensor on the parameter's device where the
+    group is fused or capturable, else a scalar on the CPU (float32, float64 under a float64 default dtype);
+    the other floating state in the parameter's dtype, on its device. Other optimizers' state (DeepSpeed's,
+    bitsandbytes' 8-bit blocks) only moves to the parameter's device: its dtypes are their own."""
+    import torch
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    from lvm.train.bad_steps import innermost_optimizer
+
+    base = innermost_optimizer(optimizer)
+    torch_own = type(base).__module__.startswith("torch.optim")
+    for p, state in base.state.items():
+        if not torch.is_tensor(p):
+            continue
+        # ZeRO-3 lists a partition in its group only while it steps: then the optimizer's defaults hold
+        group = next((g for g in base.param_groups if any(q is p for q in g["params"])), base.defaults)
+        on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                continue
+            if torch_own and key == "step":
+                want = (p.device, torch.float32) if on_device else (torch.device("cpu"), _get_scalar_dtype())
+            elif torch_own and value.is_floating_point():
+                want = (p.device, p.dtype)
+            else:
+                want = (p.device, value.dtype)
+            if (value.device, value.dtype) != want:
+                state[key] = value.to(device=want[0], dtype=want[1])
 
 
 def describe(resume: Resume, step: int, world_size: int, opts, universal: bool) -> str:
