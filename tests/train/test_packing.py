@@ -340,3 +340,38 @@ def test_prefetching_changes_nothing_but_the_waiting(three_sources):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.sources, b.sources)
         assert plain.windows_consumed == ahead.windows_consumed
     ahead.close()
+
+
+def test_tokens_by_source_count_no_pad(tmp_path):
+    """tokens_by_source: the input tokens of the windows drawn so far from each source by all ranks, PAD left out.
+    Sentence-packed windows end in PAD; the count equals the non-PAD positions of exactly those windows, over epoch
+    ends and read-order chunks (40 shards: chunks of 16), after a resume too; a concat window has no PAD."""
+    rng = np.random.default_rng(7)
+    srcs = []
+    for k, n_shards in enumerate((40, 3)):
+        (tmp_path / f"s{k}").mkdir()
+        shards, _ = write_source(tmp_path / f"s{k}", [rng.integers(1, 6, rng.integers(1, 6)).tolist() for _ in range(n_shards)],
+                                 seed=k)
+        srcs.append(SourceWindows(shards, 800, "sentence", 0, stream=k))
+    assert srcs[0].chunk < srcs[0].per_epoch  # several read-order chunks per epoch
+    m = MixtureWindows(srcs, ["a", "b"], [0.7, 0.3])
+    steps = (2 * srcs[0].per_epoch + 7) // 4
+    drawn_at_end = m.schedule.drawn(4 * steps)
+    pad = [np.array([int((src.window(i)[0] != PAD_ID).sum()) for i in range(int(d))]) for src, d in zip(srcs, drawn_at_end,
+                                                                                                          strict=True)]
+    assert all((p < 800).any() for p in pad) and drawn_at_end[1] > 2 * srcs[1].per_epoch  # PAD to leave out; epochs
+    ranks = [DistributedLoader(m, 2, r, 2) for r in range(2)]
+    for step in range(steps):
+        for loader in ranks:
+            loader.next_batch()
+        drawn = ranks[0].windows_by_source()
+        want = {name: int(pad[s][: int(drawn[s])].sum()) for s, name in enumerate("ab")}
+        assert ranks[0].tokens_by_source() == ranks[1].tokens_by_source() == want, step
+        if step % 9 == 4:  # a fresh loader resumed here counts the same
+            again = DistributedLoader(m, 2, 0, 2)
+            again.load_state_dict(ranks[0].state_dict())
+            assert again.tokens_by_source() == want
+    concat = DistributedLoader(SourceWindows(srcs[1].shards, 300, "concat", 0), 3)
+    for _ in range(5):
+        concat.next_batch()
+    assert concat.tokens_by_source() == {"source0": 15 * 300}

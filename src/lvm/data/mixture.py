@@ -172,10 +172,12 @@ class DistributedLoader:
         return self.windows.schedule.drawn(self.windows_consumed)
 
     def tokens_by_source(self) -> dict[str, int]:
-        """Tokens of the windows drawn so far from each source, by all ranks (seq_len per window: the stream's
-        stride; a concat window also reads the next window's first token, as its last target)."""
+        """Input tokens of the windows drawn so far from each source, by all ranks, PAD left out
+        (`SourceWindows.input_tokens`: seq_len per concat window, the stream's stride, a concat window's extra
+        token being only a target; a sentence window's sentences without its PAD tail)."""
         n = self.windows_by_source()
-        return {name: int(n[k]) * self.windows.seq_len for k, name in enumerate(self.windows.names)}
+        return {name: src.input_tokens(int(n[k]))
+                for k, (name, src) in enumerate(zip(self.windows.names, self.windows.sources, strict=True))}
 
     def epochs_by_source(self) -> dict[str, float]:
         n = self.windows_by_source()

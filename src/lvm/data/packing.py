@@ -260,12 +260,16 @@ class SourceWindows:
             counts = read_in_threads(self._stream_counts, list(range(S)))  # index entries or shard headers
             self.unit = np.array([n_bins(tuple(sorted(c.items())), seq_len) for c in counts], np.int64)
             self.per_epoch = int(self.unit.sum())
+            # input tokens (not PAD) of each shard's windows: every sentence once, truncated to the window
+            self.shard_tokens = np.array([sum(min(n, seq_len) * c for n, c in x.items()) for x in counts], np.int64)
             span = max(1, LAYOUT_SENTENCES // max(1, int(shards.sentences.max())))
         self.span = max(1, min(span, CHUNK_SHARDS, S))
         self.chunk = max(1, math.ceil(self.per_epoch * self.span / S))
         shards.capacity = max(shards.capacity, 2 * self.span + 2)
         self._epochs = _LRU(3)
         self._layouts = _LRU(2 * self.span + 2 if mode == "sentence" else 8 * self.span + 8)
+        self._bin_tokens = _LRU(2 * self.span + 2)  # sentence mode: shard -> input tokens of its bins, by bin type
+        self._chunk_head = (-1, -1, 0, 0)  # (epoch, chunk, windows read, their input tokens): the chunk being read
 
     # --- the order -------------------------------------------------------------------------------
     def _stream_counts(self, j: int) -> dict[int, int]:
@@ -415,6 +419,60 @@ class SourceWindows:
             at += n
         pos_ids[at:] = np.arange(L - at)
         return ids[:L].copy(), targets, pos_ids
+
+    # --- input tokens of the windows read so far (tokens_by_source) --------------------------------------------------
+    def input_tokens(self, n: int) -> int:
+        """Input positions that are not PAD in the source's windows 0 .. n-1: seq_len per concat window (a concat
+        window has no PAD); for sentence windows the tokens of their sentences, computed from the shards' length
+        counts without reading a token: whole epochs and whole read-order chunks in closed form, then the windows
+        read so far of the current chunk (remembered, so a growing n costs only its new windows)."""
+        if self.mode == "concat":
+            return n * self.seq_len
+        e, w = divmod(n, self.per_epoch)
+        total = e * int(self.shard_tokens.sum())
+        c, q = divmod(w, self.chunk)
+        total += self._prefix_tokens(e, c * self.chunk)
+        if q:
+            he, hc, hq, ht = self._chunk_head
+            if (he, hc) != (e, c) or hq > q:
+                hq, ht = 0, 0
+            for k in range(hq, q):
+                ht += self._window_tokens(e, self.read_position(e, c * self.chunk + k))
+            self._chunk_head = (e, c, q, ht)
+            total += ht
+        return total
+
+    def _bins_of(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shard s: (first window of each bin type, input tokens of the windows before it, tokens of one such bin)."""
+        def make():
+            lens, comps, mult = bin_types(self._stream_counts(s), self.seq_len)
+            per_bin = np.array(comps, np.int64).reshape(len(mult), len(lens)) @ np.array(lens, np.int64)
+            mult = np.array(mult, np.int64)
+            first = np.concatenate([[0], np.cumsum(mult)])
+            before = np.concatenate([[0], np.cumsum(mult * per_bin)])
+            return first, before, per_bin
+        return self._bin_tokens.get_or(s, make)
+
+    def _window_tokens(self, e: int, p: int) -> int:
+        """Input tokens of window p of epoch e's packed order (sentence mode)."""
+        perm, cum = self.epoch_layout(e)
+        j = int(np.searchsorted(cum, p, side="right")) - 1
+        first, _, per_bin = self._bins_of(int(perm[j]))
+        return int(per_bin[int(np.searchsorted(first, p - int(cum[j]), side="right")) - 1])
+
+    def _prefix_tokens(self, e: int, p: int) -> int:
+        """Input tokens of windows 0 .. p-1 of epoch e's packed order (sentence mode): whole shards, then bins."""
+        if p <= 0:
+            return 0
+        perm, cum = self.epoch_layout(e)
+        j = int(np.searchsorted(cum, p, side="right")) - 1
+        total = int(self.shard_tokens[perm[:j]].sum())
+        k = p - int(cum[j])
+        if k and j < len(perm):
+            first, before, per_bin = self._bins_of(int(perm[j]))
+            t = int(np.searchsorted(first, k, side="right")) - 1
+            total += int(before[t]) + (k - int(first[t])) * int(per_bin[t])
+        return total
 
     def identity(self) -> dict:
         sh = self.shards
