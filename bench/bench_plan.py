@@ -46,8 +46,8 @@ def cpu_tables() -> None:
     for name in PRESETS:
         shape = model_shape(name)
         n, big = count_parameters(shape), largest_layer_params(shape)
-        ours2 = sum(model_states(shape, Setting(2, 1, False), gpus, gpus)[:3])
-        ours3 = sum(model_states(shape, Setting(3, 1, False), gpus, gpus)[:3])
+        ours2 = sum(model_states(shape, Setting(2, 1, False, grad_accum_dtype="bf16"), gpus, gpus)[:3])  # as the estimators
+        ours3 = sum(model_states(shape, Setting(3, 1, False, grad_accum_dtype="bf16"), gpus, gpus)[:3])
         ds2 = estimate_zero2_model_states_mem_needs(n, gpus, 1, cpu_offload=False)[1]
         ds3 = estimate_zero3_model_states_mem_needs(n, big, gpus, 1, cpu_offload=False, cpu_offload_params=False)[1]
         rows.append([name, f"{n / 1e6:,.1f}M", f"{ours2 / GiB:.3f}", f"{ds2 / GiB:.3f}", f"{ours3 / GiB:.3f}", f"{ds3 / GiB:.3f}",

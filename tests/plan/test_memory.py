@@ -47,8 +47,8 @@ def test_model_states_match_deepspeed_estimators(monkeypatch, gpus, nodes):
         for stage, kw, ds_gpu in calls:
             if stage == 3 and not kw.get("zero_init", True):
                 continue  # GPU bytes do not depend on zero_init
-            setting = Setting(stage, 1, False, offload_optimizer=kw["cpu_offload"],
-                              offload_param=stage == 3 and kw["cpu_offload"] and kw["cpu_offload_params"])
+            setting = Setting(stage, 1, False, offload_optimizer=kw["cpu_offload"],  # the estimators: 16-bit accumulation
+                              offload_param=stage == 3 and kw["cpu_offload"] and kw["cpu_offload_params"], grad_accum_dtype="bf16")
             p, g, o, _ = model_states(cfg, setting, gpus * nodes, gpus)
             assert abs((p + g + o) - ds_gpu) <= 0.01 * ds_gpu, (stage, kw, p + g + o, ds_gpu)
 
@@ -165,3 +165,27 @@ def test_backward_peak_within_ten_percent_of_measured(ckpt, packing):
             mask = packing == "sentence"
             est = activation_bytes(cfg, b, s, ckpt, dtype, mask) + backward_peak_bytes(cfg, b, s, ckpt, dtype, mask)
             assert abs(est - real) <= 0.10 * real, (cfg.hidden_size, dtype, est, real)
+
+
+def test_bf16_under_zero_plans_the_fp32_gradient_buffers():
+    """bf16 with fp32 accumulation (what training resolves): ZeRO-1 is DeepSpeed's BF16_Optimizer, a full-size fp32
+    gradient buffer on every rank beside the bf16 gradients, and an all-reduce copy at the boundary; ZeRO-2 keeps
+    only this rank's fp32 partition. A ds_config that accumulates in bf16 keeps DeepSpeed's classic accounting."""
+    from lvm.model.presets import count_parameters, model_shape
+    from lvm.plan.memory import breakdown, largest_layer_params
+
+    cfg = model_shape("1b")
+    n = count_parameters(cfg)
+    for dp in (1, 8):
+        assert model_states(cfg, Setting(1, 1, False), dp)[1] == int(6 * n)
+        assert model_states(cfg, Setting(1, 1, False, grad_accum_dtype="bf16"), dp)[1] == int(2 * n + 4 * n / dp)
+        assert model_states(cfg, Setting(2, 1, False), dp)[1] == int(4 * n / dp)
+        assert model_states(cfg, Setting(2, 1, False, grad_accum_dtype="bf16"), dp)[1] == int(6 * n / dp)
+        assert model_states(cfg, Setting(1, 1, False, offload_optimizer=True), dp)[1] == 0  # the ZeRO optimizer, offloaded
+    # the boundary all-reduce (6 B per element of up to 5e8 + one tensor) needs what the backward's tensors leave
+    small = breakdown(cfg, Setting(1, 1, True, reduce_bucket=10**6, allgather_bucket=10**6), 512, 1)
+    copy = 6 * min(n, 500_000_000 + largest_layer_params(cfg))  # 1b: more than one all-reduce bucket
+    assert small.buckets == copy - small.activations - small.attention_mask - small.backward_peak > 0
+    big = breakdown(cfg, Setting(1, 8, False), 4096, 1)
+    assert big.buckets == 0  # the backward phase's activations outweigh it
+    assert breakdown(cfg, Setting(2, 1, True, reduce_bucket=10**6, allgather_bucket=10**6), 512, 8).buckets == 6 * 10**6

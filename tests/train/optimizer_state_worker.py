@@ -2,7 +2,8 @@
 
 argv[1]: JSON list of cases {"optimizer", "stage", "precision", "extra": ds_config keys, "steps"}; argv[2]: a
 folder where each rank writes rank<R>.jsonl, one line per case: the bytes of the optimizer state tensors and of the fp32 master partition
-after the steps, and (ZeRO-3) the parameters gathered at the forward/backward turn of the last step.
+after the steps, the bytes of gradients held when the last optimizer step begins, and (ZeRO-3) the parameters gathered at the
+forward/backward turn of the last step.
 """
 
 from __future__ import annotations
@@ -28,11 +29,30 @@ def tensor_bytes(obj) -> int:
 
 
 def master_bytes(zero_opt) -> int:
-    """The fp32 master partition DeepSpeed's ZeRO optimizer keeps (stage 1/2 or stage 3 attribute names)."""
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+    """The fp32 master partition DeepSpeed's ZeRO optimizer keeps (stage 1/2, stage 3 or BF16_Optimizer attribute names)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         if hasattr(zero_opt, attr):
             return tensor_bytes(list(getattr(zero_opt, attr)))
     raise AssertionError(f"no fp32 master partition on {type(zero_opt).__name__}")
+
+
+def tensors_in(obj) -> list:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_in(v)]
+    return []
+
+
+def grad_bytes(zero_opt, model) -> int:
+    """Gradient bytes this rank holds: the parameters' .grad and the optimizer's gradient buffers (BF16_Optimizer's
+    fp32 buffer; the ZeRO-1/2 optimizer's accumulated partition and 16-bit partition), each storage counted once."""
+    tensors = [p.grad for p in model.parameters() if p.grad is not None]
+    for attr in ("fp32_groups_gradients_flat", "averaged_gradients", "grads_in_partition"):
+        tensors += tensors_in(getattr(zero_opt, attr, None))
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -63,6 +83,14 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     client, ds = make_optimizer(opts.optimizer, groups, ds, torch.device("cpu"))
     engine, *_ = deepspeed.initialize(model=model, optimizer=client, model_parameters=groups, config=ds)
     live = None
+    held = {}
+    step = engine.optimizer.step
+
+    def measured_step(*a, **k):  # what the backward left: the gradients the update reads
+        held["grads"] = grad_bytes(engine.optimizer, model)
+        return step(*a, **k)
+
+    engine.optimizer.step = measured_step
     for _ in range(case.get("steps", 1)):
         ids = torch.randint(0, 8192, (2, 64))
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
@@ -79,7 +107,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     return {**case, "rank": rank, "world": world, "basic": type(basic).__name__, "state_bytes": state,
             "master_bytes": master_bytes(zero_opt), "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                                                     for p in model.parameters()),
-            "loss_finite": bool(torch.isfinite(loss).item()), "live_numel": live}
+            "loss_finite": bool(torch.isfinite(loss).item()), "live_numel": live, "grad_bytes": held.get("grads"),
+            "optimizer_class": type(zero_opt).__name__}
 
 
 def main() -> int:

@@ -34,7 +34,8 @@ def run_worker(cases: list[dict], out: Path, nproc: int = 2) -> list[dict]:
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
     cases = [{"optimizer": o, "stage": 2, "precision": "bf16"} for o in ("adamw", "sgd", "lion")]
-    cases += [{"optimizer": "adamw", "stage": 1, "precision": "fp32"}, {"optimizer": "sgd", "stage": 3, "precision": "bf16"}]
+    cases += [{"optimizer": "adamw", "stage": 1, "precision": "fp32"}, {"optimizer": "sgd", "stage": 3, "precision": "bf16"},
+              {"optimizer": "adamw", "stage": 1, "precision": "bf16"}]
     if HAVE_BNB:
         cases += [{"optimizer": "adamw8bit", "stage": 2, "precision": "bf16"}]
     # ZeRO-3 live parameters: everything partitioned (threshold 0), no prefetch, three reuse distances
@@ -63,6 +64,20 @@ def test_optimizer_bytes_match_the_state_tensors(engine_results):
         assert abs(real - planned) <= 16, (r, planned)
         seen.add(r["optimizer"])
     assert seen >= {"adamw", "sgd", "lion"} | ({"adamw8bit"} if HAVE_BNB else set())
+
+
+def test_gradient_bytes_match_the_engines(engine_results):
+    """bf16 under ZeRO-1/2 accumulates gradients in fp32 (lvm.train.ds_config.resolve). At ZeRO-1 that is DeepSpeed's
+    BF16_Optimizer: a full-size fp32 gradient buffer on every rank beside the bf16 gradients; at ZeRO-2 the ZeRO
+    optimizer keeps only this rank's fp32 partition. The planner's gradient term = the bytes held when the step begins."""
+    seen = set()
+    for r in engine_results:
+        if r["precision"] != "bf16" or r["stage"] not in (1, 2):
+            continue
+        planned = model_states(TINY, Setting(r["stage"], 1, False, "bf16", optimizer=r["optimizer"]), dp=2)[1]
+        assert abs(r["grad_bytes"] - planned) <= 64, (r, planned)
+        seen.add((r["stage"], r["optimizer_class"]))
+    assert seen == {(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer")}, seen
 
 
 def test_state_bytes_per_parameter_follow_each_optimizer(engine_results):

@@ -14,6 +14,16 @@ Model states (DeepSpeed's own accounting, `estimate_zero{2,3}_model_states_mem_n
     stage 2 + optimizer offload: GPU 2N;  stage 3 + optimizer offload: 4L + 2N/dp;  + params: 4L.
   Pure fp32 training keeps 4 B weights and 4 B gradients; under ZeRO DeepSpeed still clones an fp32
   master partition (4 B / dp, measured), then the state S.
+  bf16 under ZeRO accumulates gradients in fp32, as training resolves it (`data_types.grad_accum_dtype`,
+  lvm.train.ds_config; the estimators above assume 16-bit accumulation, `grad_accum_dtype="bf16"` here):
+    stage 1  DeepSpeed's BF16_Optimizer (engine `_do_optimizer_sanity_check`; not under offload): the bf16
+             gradients (2 B) and a full-size fp32 gradient buffer (4 B, `fp32_groups_gradients_flat`) on
+             every rank, 6N; at the accumulation boundary the engine all-reduces that buffer through a flat
+             fp32 copy and its bf16 cast of up to 5e8 elements (`buffered_allreduce_fallback`), after the
+             backward has freed the activations: planned as what it needs beyond them, in the buckets term.
+    stage 2  the ZeRO optimizer keeps only this rank's fp32 partition (4 B / dp, its compact gradient
+             partition; no 16-bit partition).
+  tests/train/test_optimizers.py checks both against the gradient tensors of real engines.
 
 Optimizer state S per parameter (`lvm.train.optimizers`; tests/train/test_optimizers.py checks master +
 state against the tensors of real DeepSpeed engines after one step, to the byte):
@@ -75,7 +85,8 @@ GPU terms DeepSpeed's estimators leave out (DeepSpeed issue #4527: estimated 0.4
 
 Temporary buffers (live at the peak, not saved tensors):
   the larger of the head's backward (8 B per logit) and a checkpointed layer's recompute peak (above);
-  ZeRO-1/2 reduce bucket (x2 with overlap_comm) and allgather bucket; ZeRO-3 reduce bucket.
+  ZeRO-1/2 reduce bucket (x2 with overlap_comm) and allgather bucket; ZeRO-3 reduce bucket; under
+  BF16_Optimizer instead the boundary all-reduce's copies, beyond the backward phase's tensors (above).
 
 Sources: Rajbhandari et al., "ZeRO" (2020); Korthikanti et al., "Reducing Activation Recomputation in
 Large Transformer Models" (2022) for the per-layer method; DeepSpeed's estimators for model states;
@@ -101,6 +112,7 @@ NCCL_COMMUNICATORS = 2
 FRAGMENTATION = 0.10
 FRAGMENTATION_EXPANDABLE = 0.02
 DS_DEFAULT_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance default
+ALLREDUCE_ELEMENTS = 500_000_000  # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE: the engine's all-reduce bucket, in elements
 
 
 def expandable_segments_from_env(env=None) -> bool:
@@ -127,6 +139,18 @@ class Setting:
     max_reuse_distance: int = DS_DEFAULT_LIVE
     persistence_threshold: int = 100_000
     expandable_segments: bool = False
+    grad_accum_dtype: str = "auto"  # data_types.grad_accum_dtype; "auto": as training resolves it (fp32 for bf16 under ZeRO)
+
+
+def fp32_grad_accum(s: Setting) -> bool:
+    """Whether DeepSpeed accumulates the gradients of `s` in fp32 beside the bf16 ones: bf16 under ZeRO, unless the
+    ds_config names another dtype (stage 0 takes bf16 only; fp32 and fp16 training need no such buffer)."""
+    return s.dtype == "bf16" and s.zero_stage >= 1 and s.grad_accum_dtype in ("auto", "fp32")
+
+
+def bf16_optimizer(s: Setting) -> bool:
+    """Whether DeepSpeed runs `s` with its BF16_Optimizer: ZeRO-1, bf16 weights, fp32 accumulation, no offload."""
+    return s.zero_stage == 1 and fp32_grad_accum(s) and not s.offload_optimizer
 
 
 @dataclass
@@ -225,7 +249,9 @@ def model_states(cfg, s: Setting, dp: int, gpus_per_node: int = 1) -> tuple[int,
     if st == 3:
         grads = (g32 or g16) * n / dp  # 16-bit gradients leave through the reduce bucket (see buffers)
     elif st == 2:
-        grads = (g16 + g32) * n / dp
+        grads = (g32 if fp32_grad_accum(s) else g16 + g32) * n / dp
+    elif bf16_optimizer(s):
+        grads = (g16 + g32) * n  # bf16 gradients and the full-size fp32 buffer, on every rank
     else:
         grads = g16 * n + g32 * n / dp
     optimizer = master * n / opt_dp + state
@@ -327,6 +353,8 @@ def backward_peak_bytes(cfg, micro_batch: int, seq_len: int, grad_ckpt: bool, dt
 
 def bucket_bytes(s: Setting) -> int:
     d = DTYPE_BYTES[s.dtype]
+    if bf16_optimizer(s):  # no ZeRO buckets: the engine all-reduces (boundary_allreduce_bytes), gathers in place
+        return 0
     if s.zero_stage in (1, 2):
         return int(s.reduce_bucket * d * (2 if s.overlap_comm else 1) + s.allgather_bucket * d)
     if s.zero_stage == 3:
@@ -334,8 +362,19 @@ def bucket_bytes(s: Setting) -> int:
     return 0
 
 
+def boundary_allreduce_bytes(cfg, s: Setting) -> int:
+    """BF16_Optimizer (ZeRO-1): the engine's all-reduce of the fp32 gradient buffer at the accumulation boundary
+    flattens up to ALLREDUCE_ELEMENTS of it (plus the tensor that crosses the limit) into an fp32 copy and casts that
+    to bf16 for the collective: 6 B per element, alive after the backward (its saved tensors are freed by then)."""
+    if not bf16_optimizer(s):
+        return 0
+    return 6 * min(count_parameters(cfg), ALLREDUCE_ELEMENTS + largest_layer_params(cfg))
+
+
 def temporary_bytes(cfg, s: Setting, seq_len: int) -> int:
-    return backward_peak_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask) + bucket_bytes(s)
+    peak = backward_peak_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask)
+    act = activation_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask)
+    return peak + bucket_bytes(s) + max(0, boundary_allreduce_bytes(cfg, s) - act - peak)
 
 
 def breakdown(cfg, s: Setting, seq_len: int, dp: int, gpus_per_node: int = 1) -> Breakdown:
@@ -344,7 +383,8 @@ def breakdown(cfg, s: Setting, seq_len: int, dp: int, gpus_per_node: int = 1) ->
     act = activation_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype)
     mask = activation_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask) - act
     peak = backward_peak_bytes(cfg, s.micro_batch, seq_len, s.grad_ckpt, s.dtype, s.attn_mask)
-    buckets = bucket_bytes(s)
+    # the boundary phase (BF16_Optimizer's all-reduce copy) needs what the backward phase's tensors do not cover
+    buckets = bucket_bytes(s) + max(0, boundary_allreduce_bytes(cfg, s) - act - mask - peak)
     allocated = params + grads + optimizer + live + act + mask + peak + buckets + CUBLAS_WORKSPACE
     frag = int((FRAGMENTATION_EXPANDABLE if s.expandable_segments else FRAGMENTATION) * allocated)
     nccl = NCCL_COMMUNICATORS * NCCL_PER_COMMUNICATOR if dp > 1 else 0

@@ -137,7 +137,7 @@ def fits(req: Request, m: Breakdown) -> bool:
 
 def _setting(req: Request, stage, mb, ckpt, off_opt, off_par, optimizer, reuse=None) -> Setting:
     s = Setting(stage, mb, ckpt, req.dtype, off_opt, off_par, optimizer=optimizer, attn_mask=req.attn_mask,
-                expandable_segments=req.expandable)
+                expandable_segments=req.expandable, grad_accum_dtype=req.fixed.get("grad_accum_dtype", "auto"))
     s = fit_buckets(req, s)
     if reuse is not None:
         s = replace(s, max_reuse_distance=reuse)
@@ -195,7 +195,8 @@ def describe_fixed(fixed: dict) -> str:
              "micro_batch": "micro-batch", "grad_ckpt": "activation checkpointing", "reduce_bucket": "reduce_bucket_size",
              "allgather_bucket": "allgather_bucket_size", "prefetch_bucket": "stage3_prefetch_bucket_size",
              "max_live_parameters": "stage3_max_live_parameters", "max_reuse_distance": "stage3_max_reuse_distance",
-             "persistence_threshold": "stage3_param_persistence_threshold", "overlap_comm": "overlap_comm"}
+             "persistence_threshold": "stage3_param_persistence_threshold", "overlap_comm": "overlap_comm",
+             "grad_accum_dtype": "data_types.grad_accum_dtype"}
     return ", ".join(f"{names.get(k, k)}={v}" for k, v in fixed.items())
 
 
@@ -415,6 +416,9 @@ def constraints_from(ds: dict, opts, given: set[str]) -> dict:
             fixed[name] = int(float(z[key]))
     if _concrete(z.get("overlap_comm")):
         fixed["overlap_comm"] = bool(z["overlap_comm"])
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if _concrete(accum):  # else training accumulates bf16 gradients in fp32 under ZeRO (lvm.train.ds_config)
+        fixed["grad_accum_dtype"] = str(accum)
     if _concrete(ds.get("train_micro_batch_size_per_gpu")):
         fixed["micro_batch"] = int(ds["train_micro_batch_size_per_gpu"])
     elif "micro_batch" in given:
