@@ -17,3 +17,20 @@ def test_launch_env_sources():
     assert (torch_env.rank, torch_env.local_rank, torch_env.world_size, torch_env.master_addr, torch_env.master_port) == (3, 1, 8, "h0", 1234)
     slurm = launch_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-10]"})
     assert (slurm.rank, slurm.local_rank, slurm.world_size, slurm.master_addr, slurm.launcher) == (5, 1, 8, "gpu07", "slurm")
+
+
+def test_processes_per_node_under_every_launcher():
+    """What a node holds of the job (the planner's CPU bytes per node): torchrun's LOCAL_WORLD_SIZE, DeepSpeed's
+    LOCAL_SIZE; under srun (neither set) SLURM's tasks per node or its node count; a lone process: the whole job."""
+    from lvm.launch_env import procs_per_node
+
+    assert procs_per_node(16, {"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert procs_per_node(16, {"LOCAL_SIZE": "4"}) == 4
+    srun = {"SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1"}
+    assert procs_per_node(32, {**srun, "SLURM_NNODES": "4"}) == 8
+    assert procs_per_node(32, {**srun, "SLURM_JOB_NUM_NODES": "8"}) == 4
+    assert procs_per_node(32, {**srun, "SLURM_NTASKS_PER_NODE": "8", "SLURM_NNODES": "2"}) == 8
+    assert procs_per_node(32, {**srun, "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "4"}) == 16  # this step's nodes
+    assert procs_per_node(1, {"SLURM_NNODES": "2"}) == 1  # one process in a 2-node allocation
+    assert procs_per_node(12, {**srun, "SLURM_NNODES": "5"}) == 12  # uneven: counted as one node (no less CPU memory)
+    assert procs_per_node(8, {}) == 8

@@ -76,6 +76,31 @@ def export_torch_env(le: LaunchEnv) -> None:
                       MASTER_ADDR=le.master_addr, MASTER_PORT=str(le.master_port))
 
 
+def procs_per_node(world_size: int, environ: dict | None = None) -> int:
+    """Processes of this job on one node (its GPUs per node): torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's
+    LOCAL_SIZE; under srun, which sets neither, SLURM_NTASKS_PER_NODE, else the world size over SLURM's node count
+    (this step's SLURM_STEP_NUM_NODES, then SLURM_NNODES, SLURM_JOB_NUM_NODES). A count that does not divide the
+    world size (a lone process in a larger allocation, uneven nodes), or none, puts the whole job on one node."""
+    env = os.environ if environ is None else environ
+
+    def number(key: str) -> int | None:
+        try:
+            v = int(str(env.get(key, "")).strip())
+        except ValueError:
+            return None
+        return v if v > 0 else None
+
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = number(key)
+        if v is not None:
+            return v if world_size % v == 0 else world_size
+    for key in ("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        v = number(key)
+        if v is not None:
+            return world_size // v if world_size % v == 0 else world_size
+    return world_size
+
+
 def local_device(le: LaunchEnv | None = None):
     """This process's accelerator: `cuda:LOCAL_RANK` modulo the visible GPUs (a cluster that binds one
     visible GPU per task shows each task only `cuda:0`), or the CPU without one."""

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,25 @@ def test_plan_cli_errors_are_one_line(tmp_path):
                        (["--micro-batch", "2", "--offload", "all"], "--offload all needs --zero-stage 3")):
         r = subprocess.run(PLAN + ["--model", "300m", "--gpu-mem-gib", "80", *extra], capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_fill_from_plan_reads_the_nodes_of_an_srun_job(monkeypatch):
+    """Under srun there is no LOCAL_WORLD_SIZE: the nodes come from SLURM's variables, so CPU-offload bytes are per node."""
+    from lvm.plan.planner import plan_request
+
+    base = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    base["bf16"] = {"enabled": True}
+    opts = RunOptions(model="3b", seq_len=4096, gpu_mem_gib=12, global_batch_tokens=4096 * 32)  # ZeRO-2 needs offload
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "32")
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    req = plan_request(base, opts, 32, {"gpu_mem_gib", "global_batch_tokens"}, torch.device("cuda"))
+    assert (req.gpus_per_node, req.nodes) == (8, 4)
+    plan = search(req)
+    one_node = search(replace(req, gpus_per_node=32, nodes=1))
+    assert plan.setting.offload_optimizer and plan.setting == one_node.setting
+    assert plan.memory.cpu_per_node == pytest.approx(one_node.memory.cpu_per_node / 4, rel=1e-6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's own variable wins
+    assert plan_request(base, opts, 32, {"gpu_mem_gib"}, torch.device("cuda")).nodes == 8

@@ -440,22 +440,19 @@ def _plan_dtype(ds: dict, opts, device) -> str:
     return pick_precision(opts.precision, device)
 
 
-def fill_from_plan(ds: dict, opts, world_size: int, given: set[str] | None = None, device=None) -> dict:
-    """For launch/pretrain.py --gpu-mem-gib: apply the whole plan (ZeRO stage, offload, buckets, ZeRO-3 live
-    parameters, micro-batch, accumulation, activation checkpointing, optimizer) to the ds_config.
-
-    Values the ds_config sets and flags the user gave are constraints; PlanError (one line) when nothing
-    fits under them. Sets `opts.grad_ckpt` (and `opts.optimizer` for --optimizer auto)."""
+def plan_request(ds: dict, opts, world_size: int, given: set[str] | None = None, device=None) -> Request:
+    """The planner's request for a training run: its model, flags, ds_config constraints and job shape (GPUs per
+    node from the launcher, or SLURM's variables under srun: `lvm.launch_env.procs_per_node`)."""
     import torch
 
+    from lvm.launch_env import procs_per_node
     from lvm.model.presets import attention_implementation, model_shape
     from lvm.train.ds_config import ConfigError, optimizer_name
 
     given = set(given or ())
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
-    local = local if local > 0 and world_size % local == 0 else world_size
+    local = procs_per_node(world_size)
     try:
         optimizer = optimizer_name(ds, opts, given, allow_auto=True)
     except ConfigError as e:
@@ -464,9 +461,18 @@ def fill_from_plan(ds: dict, opts, world_size: int, given: set[str] | None = Non
     dtype = _plan_dtype(ds, opts, device)
     attention = attention_implementation(getattr(opts, "attention", "auto"), device,
                                          {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
-    req = Request(model_shape(opts.model), gpus_per_node=local, nodes=world_size // local, gpu_mem_gib=opts.gpu_mem_gib,
-                  seq_len=opts.seq_len, global_batch_tokens=opts.global_batch_tokens, dtype=dtype,
-                  optimizer=optimizer, packing=getattr(opts, "packing", "concat"), attention=attention, fixed=fixed)
+    return Request(model_shape(opts.model), gpus_per_node=local, nodes=world_size // local, gpu_mem_gib=opts.gpu_mem_gib,
+                   seq_len=opts.seq_len, global_batch_tokens=opts.global_batch_tokens, dtype=dtype,
+                   optimizer=optimizer, packing=getattr(opts, "packing", "concat"), attention=attention, fixed=fixed)
+
+
+def fill_from_plan(ds: dict, opts, world_size: int, given: set[str] | None = None, device=None) -> dict:
+    """For launch/pretrain.py --gpu-mem-gib: apply the whole plan (ZeRO stage, offload, buckets, ZeRO-3 live
+    parameters, micro-batch, accumulation, activation checkpointing, optimizer) to the ds_config.
+
+    Values the ds_config sets and flags the user gave are constraints; PlanError (one line) when nothing
+    fits under them. Sets `opts.grad_ckpt` (and `opts.optimizer` for --optimizer auto)."""
+    req = plan_request(ds, opts, world_size, given, device)
     try:
         plan = search(req)
     except PlanError as e:
