@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lvm.artifacts import TokenizerRecord
 from lvm.data.decode import decode_task
 from lvm.data.manifest import DEFAULT_MAX_IMAGES, KINDS, Sentence, Skip, iter_manifest_lines
 from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, temp_path, write_shard
@@ -393,25 +394,14 @@ def resolve_tokenizer(cfg: BuildConfig, units: list[Unit], pool, device):
 
 
 def tokenizer_info(tok, out: Path, cfg: BuildConfig) -> dict:
-    spec = tok.spec
-    kind, path = parse_spec(spec)
-    if path and Path(path).resolve().is_relative_to(out.resolve()):
-        spec = f"{kind}:{Path(path).resolve().relative_to(out.resolve())}"  # relative: the folder can move
-    return {"spec": spec, "kind": tok.kind, "codebook_size": tok.codebook_size, "image_size": tok.image_size,
-            "tokens_per_image": tok.tokens_per_image, "resize": cfg.resize, "details": {**tok.describe(), "spec": spec}}
+    """tokenizer.json of OUT (`lvm.artifacts.TokenizerRecord`: a folder inside OUT relative, so the folder can
+    move; the weights' digest)."""
+    return TokenizerRecord.of_tokenizer(tok, cfg.resize).to_info(relative_to=out)
 
 
 def tokenizer_from_shards(shards_root: str | Path, device=None):
     """The tokenizer recorded in tokenizer.json beside shards (relative paths resolved there)."""
-    from lvm.data.shards import read_tokenizer_info
-
-    root = Path(shards_root)
-    info = read_tokenizer_info(root)
-    kind, path = parse_spec(info["spec"])
-    base = root if (root / "tokenizer.json").is_file() else root.parent
-    if path and not Path(path).is_absolute():
-        path = str(base / path)
-    return load_tokenizer(f"{kind}:{path}", device)
+    return TokenizerRecord.from_shards(shards_root).load(device)
 
 
 class Encoder:

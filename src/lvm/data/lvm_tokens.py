@@ -7,7 +7,8 @@ by file and line number. What made the tokens is recorded in `tokenizer.json` fr
 (or from `F.tokenizer.json` beside the first file, which `export_token_file` writes).
 
 `export_token_file` writes shards back in LVM's format (int32 little-endian, standard base64), one
-line per sentence in shard order.
+line per sentence in shard order, and `F.tokenizer.json` with the tokenizer folder as an absolute path
+(and its weights' digest): a relative one would be relative to the shards, not to F.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lvm.artifacts import TokenizerRecord, resolve_spec
 from lvm.data.build import BuildConfig, build_shards
-from lvm.data.shards import SPLITS, ShardError, atomic_write_text, read_shard, read_tokenizer_info, temp_path
+from lvm.data.shards import SPLITS, ShardError, atomic_write_text, read_shard, temp_path
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
 from lvm.tokenizer import load_tokenizer, parse_spec
 
@@ -30,26 +32,25 @@ def sidecar(path: str | Path) -> Path:
 
 
 def imported_tokenizer_info(spec: str | None, first_file: str, out: Path) -> dict:
-    """tokenizer.json for imported tokens: from the spec (its folder described when present), or
-    from the sidecar an export wrote."""
+    """tokenizer.json for imported tokens (`lvm.artifacts.TokenizerRecord`): from the spec (its folder described
+    and its weights' digest taken when the folder is here; a relative folder is relative to the current one), or
+    from the sidecar an export wrote (a relative spec there is relative to the sidecar's folder)."""
     if spec is None:
         side = sidecar(first_file)
-        if side.is_file():
-            return json.loads(side.read_text())
-        raise ValueError(f"say which tokenizer made these tokens with --tokenizer-spec (e.g. vqgan:<dir>); "
-                         f"no {side} beside the input")
-    kind, path = parse_spec(spec)
-    info = {"spec": spec, "kind": kind, "codebook_size": CODEBOOK_SIZE, "image_size": IMAGE_SIZE,
-            "tokens_per_image": TOKENS_PER_IMAGE, "resize": "squash"}
-    if path and Path(path).is_dir():
-        tok = load_tokenizer(spec, "cpu")
-        if path and Path(path).resolve().is_relative_to(out.resolve()):
-            info["spec"] = f"{kind}:{Path(path).resolve().relative_to(out.resolve())}"
-        info["details"] = tok.describe()
+        if not side.is_file():
+            raise ValueError(f"say which tokenizer made these tokens with --tokenizer-spec (e.g. vqgan:<dir>); "
+                             f"no {side} beside the input")
+        record = TokenizerRecord.from_file(side)
     else:
-        print(f"note: tokenizer folder {path} not found here: recorded by name only", file=sys.stderr)
-        info["details"] = {"spec": spec, "kind": kind}
-    return info
+        kind, path = parse_spec(resolve_spec(spec, Path.cwd()))
+        if path and Path(path).is_dir():
+            record = TokenizerRecord.of_tokenizer(load_tokenizer(f"{kind}:{path}", "cpu"), "squash")
+        else:
+            print(f"note: tokenizer folder {path} not found here: recorded by name only", file=sys.stderr)
+            record = TokenizerRecord(kind=kind, path=path, codebook_size=CODEBOOK_SIZE, image_size=IMAGE_SIZE,
+                                     tokens_per_image=TOKENS_PER_IMAGE, description={"kind": kind},
+                                     extra={"resize": "squash"})
+    return record.to_info(relative_to=out)
 
 
 def import_token_files(files: list[str], kind: str, out: str, tokenizer_spec: str | None = None, **settings) -> dict:
@@ -82,10 +83,11 @@ def export_token_file(shards: str, out: str, split: str = "train") -> dict:
     root = Path(shards)
     if not root.is_dir():
         raise ShardError(f"--shards {root} does not exist")
-    info = read_tokenizer_info(root)
-    if info.get("codebook_size") != CODEBOOK_SIZE or info.get("tokens_per_image") != TOKENS_PER_IMAGE:
-        raise ShardError(f"{root}: tokenizer.json says {info.get('tokens_per_image')} codes of {info.get('codebook_size')} "
+    record = TokenizerRecord.from_shards(root)
+    if record.codebook_size != CODEBOOK_SIZE or record.tokens_per_image != TOKENS_PER_IMAGE:
+        raise ShardError(f"{root}: tokenizer.json says {record.tokens_per_image} codes of {record.codebook_size} "
                          f"per image; LVM's format holds {TOKENS_PER_IMAGE} of {CODEBOOK_SIZE}")
+    info = record.with_digest().to_info()  # the folder absolute: the sidecar is read from elsewhere
     dst = Path(out)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dst)

@@ -10,7 +10,6 @@ other ranks build an empty model on their device and receive the weights by broa
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -61,48 +60,14 @@ def model_tokenizer_info(path: str | Path) -> dict | None:
     return json.loads(info_file.read_text()) if info_file.is_file() else None
 
 
-def weights_digest(spec: str | None) -> str | None:
-    """sha256 of a tokenizer folder's weight files (None when the spec names no folder here)."""
-    if not spec or ":" not in spec:
-        return None
-    folder = Path(spec.partition(":")[2])
-    if not folder.is_dir():
-        return None
-    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".npy", ".pt"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_mismatch(model_info: dict | None, shard_info: dict) -> str | None:
-    """Why tokens made by `shard_info`'s tokenizer are not the model's vocabulary, or None when they are
-    (or when the model records no tokenizer). Compared: kind, codebook and grid sizes, the tokenizer's own
-    description (paths left out: folders move), and, where both tokenizer folders exist here, the bytes of
-    their weights (two codebooks fitted alike on different corpora differ only there)."""
+    """Why tokens made by `shard_info`'s tokenizer are not the model's vocabulary, or None when they are the same
+    tokenizer (`lvm.artifacts.TokenizerRecord.mismatch`) or the model records no tokenizer."""
+    from lvm.artifacts import TokenizerRecord
+
     if model_info is None:
         return None
-    for key in ("kind", "codebook_size", "tokens_per_image"):
-        if model_info.get(key) != shard_info.get(key):
-            return f"{key} {shard_info.get(key)} vs the model's {model_info.get(key)}"
-
-    def described(info):
-        return {k: v for k, v in (info.get("details") or {}).items() if k != "spec"}
-
-    if described(model_info) != described(shard_info):
-        diff = sorted(k for k in described(model_info).keys() | described(shard_info).keys()
-                      if described(model_info).get(k) != described(shard_info).get(k))
-        return f"the tokenizers differ in {', '.join(diff)}"
-    a, b = model_info.get("spec_resolved") or model_info.get("spec"), shard_info.get("spec_resolved") or shard_info.get("spec")
-    if a != b:
-        da, db = weights_digest(a), weights_digest(b)
-        if da and db and da != db:
-            return "the tokenizers' weights differ"
-    return None
+    return TokenizerRecord.from_info(shard_info).mismatch(TokenizerRecord.from_info(model_info), "the model's")
 
 
 def _cast_parameters(model, device: torch.device, dtype: torch.dtype) -> None:

@@ -2,7 +2,8 @@
 
 A source is a `--data` folder: a make_shards output folder (its `train/`, and `val/` for validation)
 or a folder of `*.arrow` files (validation from `../val` when that exists). Every source of a mixture
-must come from the same tokenizer (tokenizer.json in the folder or its parent). Opening a source reads
+must come from the same tokenizer (tokenizer.json in the folder or its parent; `lvm.artifacts` says what
+"the same" is). Opening a source reads
 counts (index.json, shard metadata), not tokens, unless `--verify-data`.
 """
 
@@ -12,9 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvm.artifacts import TokenizerRecord
 from lvm.data.mixture import MixtureWindows
 from lvm.data.packing import SourceWindows
-from lvm.data.shards import ShardError, ShardSet, open_shards, read_tokenizer_info
+from lvm.data.shards import ShardError, ShardSet, open_shards
 from lvm.model.vocab import CODEBOOK_SIZE, TOKENS_PER_IMAGE
 
 
@@ -71,23 +73,25 @@ def source_names(roots: list[Path]) -> list[str]:
 
 
 def check_tokenizer(train: Path, val: Path | None) -> dict:
-    info = read_tokenizer_info(train)
-    kind, _, rel = str(info.get("spec", "")).partition(":")
-    base = train if (train / "tokenizer.json").is_file() else train.parent
-    info["spec_resolved"] = f"{kind}:{(base / rel).resolve()}" if rel and not Path(rel).is_absolute() else info.get("spec")
+    """The tokenizer record of a source (`lvm.artifacts.TokenizerRecord`), checked against this model's vocabulary
+    and against its validation shards'. Returned as the run's tokenizer.json: the folder absolute (also as
+    `spec_resolved`), the weights' digest filled in from the folder where an older file has none."""
+    record = TokenizerRecord.from_shards(train)
     for key, want in (("codebook_size", CODEBOOK_SIZE), ("tokens_per_image", TOKENS_PER_IMAGE)):
-        if info.get(key) != want:
-            raise ShardError(f"{train}: tokenizer.json says {key}={info.get(key)}, this model expects {want}")
+        if getattr(record, key) != want:
+            raise ShardError(f"{train}: tokenizer.json says {key}={getattr(record, key)}, this model expects {want}")
     if val is not None:
-        vinfo = read_tokenizer_info(val)
-        if vinfo.get("spec") != info.get("spec") or vinfo.get("details") != info.get("details"):
-            raise ShardError(f"{val} was made by tokenizer {vinfo.get('spec')}, {train} by {info.get('spec')}: "
-                             "train and validation shards must come from the same tokenizer")
-    return info
+        why = TokenizerRecord.from_shards(val).mismatch(record, "train's")
+        if why:
+            raise ShardError(f"{val} was made by tokenizer {TokenizerRecord.from_shards(val).spec}, {train} by "
+                             f"{record.spec} ({why}): train and validation shards must come from the same tokenizer")
+    return {**record.with_digest().to_info(), "spec_resolved": record.spec}
 
 
 def same_tokenizer(a: dict, b: dict) -> bool:
-    return a.get("spec_resolved") == b.get("spec_resolved") and a.get("details") == b.get("details")
+    """Whether two records (tokenizer.json contents with absolute folders, as `check_tokenizer` returns them) are
+    the same tokenizer: `lvm.artifacts.TokenizerRecord.compatible`."""
+    return TokenizerRecord.from_info(a).compatible(TokenizerRecord.from_info(b))
 
 
 def resolve_sources(data: list[str], val_data: list[str] | None) -> tuple[list[Source], dict]:
@@ -98,11 +102,13 @@ def resolve_sources(data: list[str], val_data: list[str] | None) -> tuple[list[S
     names = source_names([Path(d) for d in data])
     sources = [Source(n, Path(d), t, v) for n, d, (t, v) in zip(names, data, dirs, strict=True)]
     infos = [check_tokenizer(s.train_dir, s.val_dir) for s in sources]
+    first = TokenizerRecord.from_info(infos[0])
     for s, info in zip(sources[1:], infos[1:], strict=True):
-        if not same_tokenizer(info, infos[0]):
+        why = TokenizerRecord.from_info(info).mismatch(first, f"{sources[0].name}'s")
+        if why:
             raise ShardError(f"source {s.name} ({s.root}) was made by tokenizer {info.get('spec_resolved')}, source "
-                             f"{sources[0].name} by {infos[0].get('spec_resolved')}: every source of a mixture must "
-                             "come from the same tokenizer (tokenizer.json)")
+                             f"{sources[0].name} by {infos[0].get('spec_resolved')} ({why}): every source of a mixture "
+                             "must come from the same tokenizer (tokenizer.json)")
     return sources, infos[0]
 
 
