@@ -6,7 +6,8 @@
                                            checks this script's plumbing; its numbers mean nothing
 
 0. Packed sentences stay apart on the GPU: for sdpa and (where installed) flash-attention-2 in bf16, the
-   logits of each sentence of a packed micro-batch of 3 rows equal those of the sentence alone.
+   logits of each sentence of a packed micro-batch of 3 rows equal those of the sentence alone, and (the
+   control) the same rows without the packing do not: both are asserted.
 1. Training throughput and MFU of the 300m and 1b presets at seq 4096, bf16, ZeRO-2 on one GPU, for each
    attention/kernel option installed (sdpa; flash-attention-2; Liger kernels; torch.compile; all together),
    each a real `launch/pretrain.py` run on random tokens, measured by the trainer itself (its last logging
@@ -78,10 +79,12 @@ class Sizes:
     precision: str = "bf16"
     workers: int = 8
     options: tuple = ("sdpa", "flash_attention_2", "liger", "compile", "all")
+    packing_model: str = "100m"
 
 
 SMOKE = Sizes(models=(("tiny", 2),), seq=512, steps=4, log_every=2, corpus_videos=40, learn_model="tiny", learn_micro=2,
-              learn_seconds=5.0, learn_log_every=1, learn_lr="2e-3", precision="fp32", workers=2, options=("sdpa",))
+              learn_seconds=5.0, learn_log_every=1, learn_lr="2e-3", precision="fp32", workers=2, options=("sdpa",),
+              packing_model="tiny")
 
 
 @dataclass
@@ -348,19 +351,59 @@ def step_throughput(rep: Report, out: Path, sz: Sizes, deadline: float, cuda: bo
 
 
 # ---------------------------------------------------------------------------------------------- packing
-def step_packing(rep: Report, out: Path, cuda: bool) -> None:
+def packing_proof(model, b, impl: str, dtype, device) -> dict:
+    """Logits of every sentence of the packed micro-batch `b` vs the sentence run alone, under `impl`:
+
+    - `max_abs_diff`: with the packing passed as training passes it (`packed_attention_kwargs`): must be within `bound`;
+    - `control`: the same rows without any packing (no mask or varlen arguments, no restarting position ids: plain
+      causal attention over the row), over the sentences after the first of their row (the first attends to itself
+      only, packed or not): must exceed `bound`, else the comparison could not tell packed sentences that leak from
+      ones that do not (a model whose positions never mix would pass anything);
+    - `guess` (flash_attention_2 only, informative): position ids without the varlen arguments, transformers' own
+      detection of packing, which it makes for flash-attention only when the micro-batch has one row.
+
+    The bound is 2% of the largest packed logit (bf16: masked and unmasked kernels round differently)."""
+    import torch
+
+    from lvm.model.attention import packed_attention_kwargs
+    from lvm.model.vocab import BOS_ID, EOS_ID
+
+    ids, pos = b.input_ids.to(device), b.position_ids.to(device)
+    worst, control, guess, n, later = 0.0, 0.0, None, 0, 0
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, **packed_attention_kwargs(pos, impl, dtype)).logits
+        plain = model(input_ids=ids, use_cache=False).logits
+        guessed = model(input_ids=ids, position_ids=pos, use_cache=False).logits if impl == "flash_attention_2" else None
+        for r in range(ids.shape[0]):
+            row = b.input_ids[r].numpy()
+            for k, s in enumerate(np.flatnonzero(row == BOS_ID)):
+                e = int(s) + int(np.flatnonzero(row[s:] == EOS_ID)[0]) + 1
+                alone = model(input_ids=ids[r : r + 1, s:e], use_cache=False).logits[0]
+                worst = max(worst, float((packed[r, s:e] - alone).abs().max()))
+                if k:
+                    control = max(control, float((plain[r, s:e] - alone).abs().max()))
+                    later += 1
+                    if guessed is not None:
+                        guess = max(guess or 0.0, float((guessed[r, s:e] - alone).abs().max()))
+                n += 1
+    scale = float(packed.abs().max())
+    bound = max(0.02 * scale, 1e-4)
+    return {"max_abs_diff": worst, "control": control, "guess": guess, "sentences": n, "later_sentences": later,
+            "scale": scale, "bound": bound, "equal": worst <= bound, "control_leaks": later > 0 and control > bound}
+
+
+def step_packing(rep: Report, out: Path, cuda: bool, preset: str = "100m") -> None:
     """Packed sentences stay apart on this device: for each attention implementation that runs here, the logits
-    of every sentence of a packed micro-batch of 3 rows equal those of the sentence run alone (and, as a
-    control, differ when the packing is not passed)."""
+    of every sentence of a packed micro-batch of 3 rows equal those of the sentence run alone, and, as a control,
+    differ without the packing (`packing_proof`). Both are asserted."""
     import torch
     from transformers import LlamaForCausalLM
 
     from lvm.data.mixture import DistributedLoader
     from lvm.data.packing import SourceWindows
     from lvm.data.shards import open_shards, write_shard
-    from lvm.model.attention import flash_attn_unavailable, packed_attention_kwargs
+    from lvm.model.attention import flash_attn_unavailable
     from lvm.model.presets import llama_config
-    from lvm.model.vocab import BOS_ID, EOS_ID
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -370,34 +413,22 @@ def step_packing(rep: Report, out: Path, cuda: bool) -> None:
             for i, k in enumerate([1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 2])]
     write_shard(folder / "part-000.arrow", rows)
     b = DistributedLoader(SourceWindows(open_shards(folder), 800, "sentence", seed=0), micro_batch=3).next_batch()
-    ids, pos = b.input_ids.to(device), b.position_ids.to(device)
     impls = ["sdpa"] + (["flash_attention_2"] if flash_attn_unavailable(device, dtype) is None else [])
     for impl in impls:
         torch.manual_seed(0)
-        model = LlamaForCausalLM._from_config(llama_config("100m", 800), attn_implementation=impl).to(device, dtype).eval()
-        with torch.no_grad():
-            packed = model(input_ids=ids, position_ids=pos, use_cache=False, **packed_attention_kwargs(pos, impl, dtype)).logits
-            worst, control, n = 0.0, 0.0, 0
-            plain = model(input_ids=ids, position_ids=pos, use_cache=False).logits if impl == "flash_attention_2" else None
-            for r in range(3):
-                row = b.input_ids[r].numpy()
-                for s in np.flatnonzero(row == BOS_ID):
-                    e = int(s) + int(np.flatnonzero(row[s:] == EOS_ID)[0]) + 1
-                    alone = model(input_ids=ids[r : r + 1, s:e], use_cache=False).logits[0]
-                    worst = max(worst, float((packed[r, s:e] - alone).abs().max()))
-                    if plain is not None:
-                        control = max(control, float((plain[r, s:e] - alone).abs().max()))
-                    n += 1
-        scale = float(packed.abs().max())
-        ok = worst <= max(0.02 * scale, 1e-4)  # bf16: masked and unmasked kernels round differently
-        if not ok:
+        model = LlamaForCausalLM._from_config(llama_config(preset, 800), attn_implementation=impl).to(device, dtype).eval()
+        r = packing_proof(model, b, impl, dtype, device)
+        if not (r["equal"] and r["control_leaks"]):
             rep.failed.append(f"packing under {impl}")
-        note = f"{'equal' if ok else 'NOT equal'} (bound 2% of the largest logit, {scale:.1f}); {n} sentences in 3 rows"
-        if plain is not None:
-            note += f"; without the varlen arguments: {control:.3f} (transformers' guess from position_ids, micro-batch > 1)"
+        note = (f"{'equal' if r['equal'] else 'NOT equal'} (bound 2% of the largest logit, {r['scale']:.1f}); "
+                f"{r['sentences']} sentences in 3 rows; control without the packing: {r['control']:.3f} over "
+                f"{r['later_sentences']} later sentences, "
+                + ("leaks as it must" if r["control_leaks"] else "control does not leak: the comparison shows nothing"))
+        if r["guess"] is not None:
+            note += f"; position ids without the varlen arguments: {r['guess']:.3f} (transformers' guess, micro-batch > 1)"
         rep.row("0 packing", f"packed sentences vs each alone, {impl}, {str(dtype).removeprefix('torch.')}",
-                f"max |diff| {worst:.4f}", note)
-        rep.data.setdefault("packing", {})[impl] = {"max_abs_diff": worst, "control": control, "sentences": n}
+                f"max |diff| {r['max_abs_diff']:.4f}", note)
+        rep.data.setdefault("packing", {})[impl] = {k: v for k, v in r.items() if k not in ("equal", "control_leaks")}
         del model
 
 
@@ -607,7 +638,7 @@ def main(argv=None) -> int:
     deadline = t0 + a.budget_s
     # the learning proof has a fixed length; the throughput runs take what is left of the budget, the sdpa and
     # fastest run of each model first
-    step_packing(rep, out, cuda)
+    step_packing(rep, out, cuda, sz.packing_model)
     made = step_encode_and_shards(rep, out, sz, cuda)
     if made is not None:
         step_learn_eval_generate(rep, out, sz, *made, cuda)

@@ -49,3 +49,37 @@ def test_options_follow_what_is_installed():
     assert f("compile", True, False) == ["--attention", "flash_attention_2", "--compile"]
     assert f("all", True, True) == ["--attention", "flash_attention_2", "--compile", "--kernels", "liger"]
     assert gpu_check.describe_option(f("all", True, True)) == "flash_attention_2 + liger + compile"
+
+
+def packing_report(tmp_path, **kw):
+    rep = gpu_check.Report()
+    gpu_check.step_packing(rep, tmp_path, False, **kw)  # the GPU check's packing proof, on this CPU (sdpa, fp32)
+    return rep
+
+
+def test_packing_proof_passes_and_its_control_leaks(tmp_path):
+    """Packed sentences equal each sentence alone, and the control (the same rows without any packing: plain causal
+    attention over the row) differs from them beyond the same bound: the comparison can tell the two apart."""
+    rep = packing_report(tmp_path, preset="tiny")
+    assert rep.failed == [], rep.rows
+    d = rep.data["packing"]["sdpa"]
+    assert d["max_abs_diff"] <= d["bound"] < d["control"] and d["later_sentences"] > 0
+    assert "control" in rep.rows[0][3] and "leaks" in rep.rows[0][3]
+
+
+def test_a_packing_proof_whose_control_does_not_leak_fails(tmp_path, monkeypatch):
+    """A model whose positions never mix (no decoder layer, so no attention) passes 'packed equals alone' whatever the
+    packing: the proof must fail on its control instead of passing."""
+    import lvm.model.presets as presets
+
+    real = presets.llama_config
+
+    def no_layers(name, seq_len):
+        cfg = real("tiny", seq_len)
+        cfg.num_hidden_layers = 0
+        return cfg
+
+    monkeypatch.setattr(presets, "llama_config", no_layers)
+    rep = packing_report(tmp_path)
+    assert rep.failed == ["packing under sdpa"], rep.rows
+    assert "control does not leak" in rep.rows[0][3]
