@@ -91,16 +91,28 @@ def test_optional_kernels_fall_back_with_one_line():
         apply_kernels(model, "apex", torch.device("cpu"))
 
 
-def test_compiled_layers_compute_what_eager_layers_do():
+def eager_and_compiled(capsys, layers: int = 1):
+    """A tiny model and a copy whose decoder layers `compile_layers` set for torch.compile; what it said, in lines."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = llama_config("tiny", 64)
-    cfg.num_hidden_layers = 1
+    cfg.num_hidden_layers = layers
     eager = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     compiled = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     compiled.load_state_dict(eager.state_dict())
-    assert compile_layers(compiled, zero_stage=2).startswith("compile: 1 decoder layers compiled")
+    capsys.readouterr()
+    return eager, compiled, compile_layers(compiled, zero_stage=2)
+
+
+def test_compiled_layers_compute_what_eager_layers_do(capsys):
+    eager, compiled, setup = eager_and_compiled(capsys)
     ids = torch.randint(0, 8192, (2, 64))
     a, b = (m(input_ids=ids, labels=ids, use_cache=False) for m in (eager, compiled))
+    said = [setup, *capsys.readouterr().out.splitlines()]
+    assert not any("eager" in x for x in said), said  # nothing fell back
+    assert sum(x.startswith("compile: the 1 decoder layers compiled at the first forward") for x in said) == 1, said
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-4)
     a.loss.backward()
     b.loss.backward()
@@ -108,16 +120,40 @@ def test_compiled_layers_compute_what_eager_layers_do():
                                atol=1e-5, rtol=1e-4)
 
 
+def test_compile_that_fails_says_so_in_one_line_and_runs_eagerly(capsys, monkeypatch):
+    """torch.compile failing (here: inductor raises, as it does without a working C++/Triton toolchain) is one line at
+    the first forward naming the failure and the eager fallback; the layers compute what eager layers do."""
+    import torch._inductor.compile_fx as compile_fx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler here")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    eager, compiled, setup = eager_and_compiled(capsys, layers=2)
+    ids = torch.randint(0, 8192, (2, 64))
+    for _ in range(2):  # said once, not at every forward
+        a, b = (m(input_ids=ids, labels=ids, use_cache=False) for m in (eager, compiled))
+    said = [setup, *capsys.readouterr().out.splitlines()]
+    fell_back = [x for x in said if "eager" in x]
+    assert len(fell_back) == 1 and fell_back[0].startswith("--compile: ") and "no working C++ compiler here" in fell_back[0], said
+    assert "\n" not in fell_back[0] and not any(x.startswith("compile: the") for x in said)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
 def test_pretrain_says_what_it_could_not_use(train_shards, tmp_path):
-    """On a CPU: flash-attention-2 and Liger fall back to sdpa and transformers' modules, one line each."""
+    """On a CPU: flash-attention-2 and Liger fall back to sdpa and transformers' modules, one line each; --compile
+    says at the first forward, in one line, whether the layers compiled."""
     r = subprocess.run([sys.executable, "launch/pretrain.py", *base_args(train_shards, tmp_path / "run", "--max-steps", "3",
                         "--ds_config", "ds_configs/zero2.json", "--packing", "sentence", "--attention", "flash_attention_2",
-                        "--kernels", "liger")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        "--kernels", "liger", "--compile")], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**ENV, "MASTER_PORT": str(free_port())})
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert sum("--attention flash_attention_2: " in x and x.endswith("; using sdpa") for x in lines) == 1
     assert sum("--kernels liger: " in x and x.endswith("using transformers' own modules") for x in lines) == 1
+    said = [x for x in lines if "] compile: the " in x or "] --compile: " in x]
+    assert len(said) == 1, lines  # this CPU compiles (inductor with its C++ compiler): "compiled", not "eagerly"
+    assert "decoder layers compiled at the first forward" in said[0] and "eager" not in said[0], said
     assert any(x.endswith("attention: sdpa (packed sentences: block-diagonal causal mask)") for x in lines)
 
 

@@ -11,12 +11,17 @@ model as it was and returns one line saying why (the trainer logs it); nothing i
 - `--compile`: `torch.compile` of every decoder layer (one graph serves all layers; PyTorch inlines the
   modules, so their parameters are inputs, not constants). The whole model is not compiled: the loss, the
   embedding and DeepSpeed's hooks stay eager. Not under ZeRO-3, whose parameter gathering hooks fire inside
-  each layer. `torch._dynamo.config.suppress_errors` is set, so a layer that fails to compile runs eagerly.
+  each layer. Compilation happens at the first forward, and that forward says in one line what happened: the
+  layers compiled (graphs and seconds), or torch.compile failed (the error's first line) or captured nothing,
+  and every layer runs eagerly from then on. Errors are not suppressed globally (no
+  `torch._dynamo.config.suppress_errors`): a compilation error is caught around each compiled layer call,
+  where it is told apart from an error of the layer's own computation, which is raised as it is.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import torch
 
@@ -80,14 +85,80 @@ def compile_unavailable(zero_stage: int) -> str | None:
     return None
 
 
-def compile_layers(model, zero_stage: int) -> str:
-    """torch.compile every decoder layer of `model` in place; returns the one line to log."""
+def describe_error(e: BaseException) -> str:
+    """`Type: first line` of an error, and of what caused it (a backend's own error inside BackendCompilerFailed)."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        first = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+        parts.append(f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__)
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return " <- ".join(parts)
+
+
+class CompiledLayers:
+    """The decoder layers of one model under torch.compile, and what became of their compilation.
+
+    Every layer calls its compiled forward through `call`: the first call compiles (through `backend`, which
+    counts the graphs it is handed) and reports one line; a compilation error (a TorchDynamoException: the
+    backend failed, or dynamo itself) at any call switches every layer to eager, says so in one line, and the
+    call is answered eagerly. A call that compiled nothing (dynamo skipped the frame) counts as a fallback too."""
+
+    def __init__(self, n_layers: int, backend, report):
+        import torch._dynamo
+
+        self.n, self.report = n_layers, report
+        self.inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        self.name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
+        self.graphs, self.eager, self.said = 0, False, False
+
+        def counted(gm, example_inputs):  # one object for every layer: they share the compiled graph
+            self.graphs += 1
+            return self.inner(gm, example_inputs)
+
+        counted.__name__ = self.name  # as dynamo's messages name the backend
+        self.backend = counted
+
+    def fall_back(self, why: str) -> None:
+        self.eager = True
+        self.report(f"--compile: {why}; the {self.n} decoder layers run eagerly")
+
+    def call(self, layer, compiled, *args, **kwargs):
+        if self.eager:
+            return layer._call_impl(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            out = compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compilation failed; the layer's own errors are not these
+            self.fall_back(f"torch.compile failed {'at the first forward' if not self.said else 'on a later forward'} "
+                           f"({describe_error(e)})")
+            self.said = True
+            return layer._call_impl(*args, **kwargs)
+        if not self.said:
+            self.said = True
+            if self.graphs == 0:
+                self.fall_back("torch.compile captured no graph of the decoder layers at the first forward")
+            else:
+                self.report(f"compile: the {self.n} decoder layers compiled at the first forward ({self.graphs} "
+                            f"graph{'s' if self.graphs > 1 else ''}, {self.name}, {time.perf_counter() - t0:.1f} s)")
+        return out
+
+
+def compile_layers(model, zero_stage: int, report=None, backend="inductor") -> str:
+    """Set every decoder layer of `model` for torch.compile (through `backend`) in place; returns the one line to log
+    now. The first forward compiles and hands `report` (default: print) one line: compiled, or fell back to eager."""
     why = compile_unavailable(zero_stage)
     if why is not None:
         return f"--compile: {why}; running eagerly"
     import torch._dynamo
 
-    torch._dynamo.config.suppress_errors = True  # a layer that fails to compile runs eagerly
-    for layer in model.model.layers:
-        layer.compile()
-    return f"compile: {len(model.model.layers)} decoder layers compiled with torch.compile (the first steps include compilation)"
+    layers = list(model.model.layers)
+    watch = CompiledLayers(len(layers), backend, report or (lambda line: print(line, flush=True)))
+    for layer in layers:
+        compiled = torch.compile(layer._call_impl, backend=watch.backend)
+
+        def call(*args, _layer=layer, _compiled=compiled, **kwargs):
+            return watch.call(_layer, _compiled, *args, **kwargs)
+
+        layer._compiled_call_impl = call  # what nn.Module.compile sets: __call__ goes through it
+    return (f"compile: {len(layers)} decoder layers set for torch.compile ({watch.name}); they compile at the first "
+            "forward, which says whether they did")

@@ -104,8 +104,8 @@ HELP = {
                  "sdpa or eager; one that cannot run here falls back to sdpa with one log line",
     "kernels": "fused kernels: none, or liger (Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy; "
                "needs liger-kernel and a GPU, else one log line and none)",
-    "compile": "torch.compile every decoder layer (the first steps include the compilation; falls back with one "
-               "log line where it cannot run)",
+    "compile": "torch.compile every decoder layer (the first steps include the compilation; the first forward says "
+               "in one line whether the layers compiled or fell back to eager)",
 }
 
 

@@ -190,7 +190,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
                                         if opts.packing == "sentence" else ""))
     log.console(apply_kernels(model, opts.kernels, device, need_logits=len(names) > 1))
     if opts.compile:
-        log.console(compile_layers(model, zero_stage(ds)))
+        log.console(compile_layers(model, zero_stage(ds), report=log.console))  # and one line at the first forward
     if opts.init_from and resume is None:
         n = init_from.load_weights(model, opts.init_from, env.rank)
         log.console(f"initialised from {opts.init_from} ({n} tensors); optimizer and schedule start fresh")
