@@ -336,3 +336,32 @@ def test_lvm_token_bad_lines_are_named_by_file_line_in_every_part(tmp_path):
     assert sorted(s["line"] for s in skipped) == bad_at
     assert sorted(s["source"] for s in skipped) == sorted(f"{tmp_path / 'big.jsonl'}:{n}" for n in bad_at)
     assert sum(read_shard(f).num_rows for f in out.rglob("*.arrow")) == 30 - len(bad_at)
+
+
+def test_manifest_parts_number_lines_in_the_file(tmp_path):
+    """Every line of a manifest cut into byte-range parts carries its line number in the file: lines without an
+    'id' get distinct default ids (`line<N>`, as in the whole file), and a malformed line in any part is
+    reported as `path:N`, whatever the part size."""
+    from lvm.data.manifest import iter_manifest_lines
+
+    lines = []
+    for n in range(1, 41):
+        if n in (7, 23, 38):
+            lines.append("{not json")
+        elif n % 5 == 0:
+            lines.append("")  # blank lines count as lines of the file
+        else:
+            lines.append(json.dumps({"kind": "image", "images": [f"img/{n}.png"]}))
+    manifest = tmp_path / "big.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    want_ids = [f"line{n}" for n in range(1, 41) if n not in (7, 23, 38) and n % 5]
+    for part in (64, 100, 333, 10**9):
+        units = plan_units([str(manifest)], part_bytes=part)
+        assert part == 10**9 or len(units) > 3
+        ids, skips = [], []
+        for u in units:
+            for item in iter_manifest_lines(read_lines(u), manifest):
+                (skips.append(item) if isinstance(item, Skip) else ids.extend(s.id for s in item))
+        assert ids == want_ids, part
+        assert [(s.source, s.line) for s in skips] == [(f"{manifest}:{n}", n) for n in (7, 23, 38)], part
+        assert [n for u in units for n, _, _ in read_lines(u)] == list(range(1, 41)), part

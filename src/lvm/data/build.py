@@ -47,7 +47,7 @@ from lvm.artifacts import TokenizerRecord
 from lvm.data.decode import decode_task
 from lvm.data.manifest import DEFAULT_MAX_IMAGES, KINDS, Sentence, Skip, iter_manifest_lines
 from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, temp_path, write_shard
-from lvm.data.units import DEFAULT_PART_BYTES, InputError, LineNumbers, Unit, plan_units, read_lines
+from lvm.data.units import DEFAULT_PART_BYTES, InputError, Unit, plan_units, read_lines
 from lvm.data.webdataset import Sample, iter_samples
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
 from lvm.tokenizer import load_tokenizer, parse_spec
@@ -206,12 +206,11 @@ def lvm_token_rows(unit: Unit, kind: str):
         yield Skip(source=unit.path, reason="file not found")
         return
     name = Path(unit.path).name
-    line_of = LineNumbers(unit.path)  # a bad line of a later part is still reported by its line in the file
-    for n, offset, raw in read_lines(unit):
+    for n, _, raw in read_lines(unit):  # n: the line's number in the file, in every part of it
         text = raw.strip()
         if not text:
             continue
-        sid = f"{name}:{n}" if n is not None else f"{name}@{offset}"
+        sid = f"{name}:{n}"
         try:
             entry = json.loads(text.decode("utf-8"))
             if not isinstance(entry, dict) or not isinstance(entry.get("tokens"), str):
@@ -226,8 +225,7 @@ def lvm_token_rows(unit: Unit, kind: str):
             if lo < 0 or hi >= CODEBOOK_SIZE:
                 raise ValueError(f"token {hi if hi >= CODEBOOK_SIZE else lo} outside 0..{CODEBOOK_SIZE - 1}")
         except (ValueError, UnicodeDecodeError, binascii.Error) as e:
-            line = n if n is not None else line_of(offset)
-            yield Skip(source=f"{unit.path}:{line}", reason=f"bad LVM token line: {e}", sentence=f"{name}:{line}", line=line)
+            yield Skip(source=f"{unit.path}:{n}", reason=f"bad LVM token line: {e}", sentence=sid, line=n)
             continue
         yield {"tokens": codes.astype(np.uint16), "n_images": len(codes) // TOKENS_PER_IMAGE, "kind": kind, "id": sid}
 

@@ -42,7 +42,6 @@ class Skip:
     sentence: str | None = None
     line: int | None = None
     key: str | None = None      # a webdataset sample's key within its tar
-    offset: int | None = None   # byte offset of a manifest line (parts of large manifests)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -106,8 +105,9 @@ def parse_line(entry, root: Path, line: int, max_images: int) -> list[Sentence]:
 
 
 def iter_manifest_lines(lines, path: Path, max_images: int = DEFAULT_MAX_IMAGES):
-    """For each (line number or None, byte offset, raw bytes): the line's chunks (a list of
-    Sentences) or a Skip. Ids must be unique within what is read together (a manifest, or one part
+    """For each (line number in the file, byte offset, raw bytes): the line's chunks (a list of
+    Sentences) or a Skip. A line without an 'id' is `line<N>` by its number in the file (in every part of a
+    large manifest, `lvm.data.units.read_lines`), and a bad line is reported as `path:N`. Ids must be unique within what is read together (a manifest, or one part
     of a large one); memory is that set of ids, never the sentences."""
     if max_images < 2:
         raise ValueError("max_images must be at least 2")
@@ -117,17 +117,18 @@ def iter_manifest_lines(lines, path: Path, max_images: int = DEFAULT_MAX_IMAGES)
         text = raw.strip()
         if not text:
             continue
-        where = f"{path}:{n}" if n is not None else f"{path}@{offset}"
-        pos = {"line": n} if n is not None else {"offset": offset}
+        if n is None:
+            raise ValueError(f"{path}: manifest line at byte {offset} has no line number")
+        where = f"{path}:{n}"
         try:
             entry = json.loads(text.decode("utf-8"))
-            sentences = parse_line(entry, root, n if n is not None else 0, max_images)
+            sentences = parse_line(entry, root, n, max_images)
         except (ValueError, UnicodeDecodeError) as e:
-            yield Skip(source=where, reason=f"malformed manifest line: {e}", **pos)
+            yield Skip(source=where, reason=f"malformed manifest line: {e}", line=n)
             continue
         base = sentences[0].id.split("#")[0]
         if base in seen:
-            yield Skip(source=where, reason=f"duplicate id {sentences[0].id!r}", **pos)
+            yield Skip(source=where, reason=f"duplicate id {sentences[0].id!r}", line=n)
             continue
         seen.add(base)
         yield sentences

@@ -12,8 +12,10 @@ An input SPEC is one of:
   with a hole in it is normal for img2dataset output); a glob that matches nothing is an error.
 
 The unit of work is one input shard: a tar, a manifest file, or a fixed-size byte range of one large
-manifest (lines are assigned to the range their first byte lies in, so a part is read without reading
-the rest of the file). Unit u writes its own output shards, named from u; rank r of W takes units
+manifest (lines are assigned to the range their first byte lies in; a part reads its own range and
+counts the newlines before it once, so its lines carry their line numbers in the file: default ids
+and error reports do not depend on the part size). Unit u writes its own output shards, named from u;
+rank r of W takes units
 r, r + W, ... in the order of the inputs, and planning needs only a `stat` per input file.
 
 A unit's name is its file name without the extension (`00000` for `laion/00000.tar`); names that
@@ -146,11 +148,11 @@ def plan_units(specs: list[str], part_bytes: int = DEFAULT_PART_BYTES, kind: str
 
 
 def read_lines(unit: Unit):
-    """(line number or None, byte offset, raw bytes) of every line whose first byte lies in the unit's range.
+    """(line number in the file, byte offset, raw bytes) of every line whose first byte lies in the unit's range.
 
-    Line numbers are exact for a unit that starts the file; a later part does not read what lies
-    before it, so its lines are identified by their byte offset (line number None; `LineNumbers` gives
-    the number of one when it is needed).
+    A part after the first numbers its lines from the newlines before its first line (counted once, in
+    large reads of the bytes before it: `LineNumbers`), so a line has the same number, hence the same
+    default id (`line<N>`) and the same place in its error, however the file is cut into parts.
     """
     with open(unit.path, "rb") as f:
         pos = unit.start
@@ -158,22 +160,23 @@ def read_lines(unit: Unit):
             f.seek(pos - 1)
             if f.read(1) != b"\n":  # we are mid-line: that line belongs to the previous part
                 pos += len(f.readline())
-        number = 1 if unit.start == 0 else None
+        number = 1 if pos == 0 else None
         f.seek(pos)
         while unit.stop == -1 or pos < unit.stop:
             raw = f.readline()
             if not raw:
                 break
+            if number is None:  # only a part that holds a line pays for counting what lies before it
+                number = LineNumbers(unit.path)(pos)
             yield number, pos, raw
             pos += len(raw)
-            if number is not None:
-                number += 1
+            number += 1
 
 
 class LineNumbers:
-    """File line numbers of lines `read_lines` gives by byte offset only (a part after the first): counted when
-    asked for (a bad line to report), as the newlines before the offset. While the offsets asked for grow (a part's
-    lines in order) each byte of the file is counted at most once; nothing is read when nothing is asked."""
+    """File line number of the line starting at a byte offset: one more than the newlines before it, counted when
+    asked for. While the offsets asked for grow each byte of the file is counted at most once; nothing is read
+    when nothing is asked."""
 
     def __init__(self, path: str):
         self.path, self.pos, self.line = path, 0, 1
