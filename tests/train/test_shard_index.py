@@ -71,8 +71,12 @@ def test_index_mismatches_are_one_line_errors(folder):
     files = sorted(folder.glob("*.arrow"))
     write_index(folder.parent, files)
     write_shard(files[1], rows_for(1, 4))  # rewritten after indexing: its size changed
+    shards = open_shards(folder)  # start-up stats no shard: the size is checked when the shard is opened
+    shards.shard(0)
     with pytest.raises(ShardError, match="u-00001.arrow has .* bytes, .*index.json says"):
-        open_shards(folder)
+        shards.shard(1)
+    with pytest.raises(ShardError, match="u-00001.arrow has .* bytes, .*index.json says"):
+        open_shards(folder, verify=True)
     write_index(folder.parent, files)
     files[2].unlink()
     with pytest.raises(ShardError, match="u-00002.arrow is listed in .*index.json but missing"):
@@ -172,3 +176,60 @@ def test_short_reads_go_on_until_every_byte_is_read(folder, monkeypatch):
     with pytest.raises(ShardError, match=r"u-00001.arrow: short read at token 10 \(7 of 580 bytes\)"):
         shard.read(10, 300)
     assert len(calls) == 2
+
+
+def test_start_up_stats_no_shard_and_parses_the_index_once(tmp_path, monkeypatch):
+    """At start-up (open_data, the windows, the loader's first batch) a rank lists each folder once, parses
+    index.json once for train and val, and stats no shard: on a parallel file system a stat is a request to the
+    metadata server, times every shard, times every rank. Only the shards a window reads are opened."""
+    import glob
+    import os
+    import pathlib
+
+    from lvm.data import shards as shards_mod
+    from lvm.data.mixture import DistributedLoader
+    from lvm.train.data_setup import build_windows, open_data
+
+    out = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    rows = [{"tokens": rng.integers(0, 8192, 256 * (1 + i % 3), dtype=np.uint16), "n_images": 1 + i % 3,
+             "kind": "image", "id": str(i)} for i in range(4)]
+    files = []
+    for split, n in (("train", 60), ("val", 4)):
+        for u in range(n):
+            files.append(out / split / f"u{u:03d}-00000.arrow")
+            write_shard(files[-1], rows)
+    entries = [{"path": f"{f.parent.name}/{f.name}", **read_recorded_stats(f), "bytes": f.stat().st_size} for f in files]
+    (out / "index.json").write_text(json.dumps({"format": "lvm-shards/2", "shards": entries}))
+    (out / "tokenizer.json").write_text(json.dumps({"spec": "vqgan:/models/lvm-vqgan", "codebook_size": 8192,
+                                                    "tokens_per_image": 256, "image_size": 256}))
+    calls = {"stat": 0, "glob": 0, "scandir": 0, "parse": 0, "open": 0}
+    shard_stats = []
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            if name == "stat" and str(a[0]).endswith(".arrow"):
+                shard_stats.append(str(a[0]))
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(os, "stat", counted("stat", os.stat))
+    monkeypatch.setattr(os, "lstat", counted("stat", os.lstat))
+    monkeypatch.setattr(os, "scandir", counted("scandir", os.scandir))
+    monkeypatch.setattr(glob, "glob", counted("glob", glob.glob))
+    monkeypatch.setattr(glob, "iglob", counted("glob", glob.iglob))
+    monkeypatch.setattr(pathlib.Path, "glob", counted("glob", pathlib.Path.glob))
+    monkeypatch.setattr(shards_mod, "parse_index", counted("parse", shards_mod.parse_index))
+    monkeypatch.setattr(shards_mod, "read_recorded_stats", counted("open", shards_mod.read_recorded_stats))
+    monkeypatch.setattr(shards_mod, "_map", counted("open", shards_mod._map))
+    for mode in ("concat", "sentence"):
+        calls.update(stat=0, glob=0, scandir=0, parse=0, open=0)
+        shard_stats.clear()
+        sources, _ = open_data(str(out), rank=1, world=2)
+        loader = DistributedLoader(build_windows(sources, 512, mode, 0, None), 2, rank=1, world_size=2)
+        loader.next_batch()
+        assert sources[0].train.n_shards == 60 and sources[0].val.n_shards == 4
+        assert calls["glob"] == 0 and calls["scandir"] == 2 and calls["parse"] == 1, (mode, calls)
+        assert shard_stats == [], (mode, shard_stats)  # folders, tokenizer.json, index.json only
+        assert 1 <= calls["open"] <= 4, (mode, calls)  # the shards of this rank's two windows (each may span two)

@@ -13,10 +13,11 @@ A shard folder (`train/` or `val/`) sits beside `tokenizer.json` (what made the 
 
 What training needs of a shard is recorded when it is written, in the schema's metadata
 (key `lvm.stats`, JSON): sentences, tokens, images, max_token, kinds and `length_counts` (how many
-sentences have each token length). Opening a folder (`open_shards`) reads no tokens: it takes the
-counts from `index.json` (checking each listed file's size) or from that metadata, holds them as
-a few numpy arrays (O(number of shards)), and memory-maps a shard only when something touches it,
-keeping a bounded number open. Kinds are small integer codes (`KINDS`); ids are read only on
+sentences have each token length). Opening a folder (`open_shards`) reads no tokens and stats no
+shard: one listing of the folder, `index.json` (parsed once for a source's train and val) and the
+header of a shard only where the index lacks its counts. It holds the counts as a few numpy arrays
+(O(number of shards)), memory-maps a shard only when something touches it, keeping a bounded number
+open, and checks a shard's size against the index when it first opens it. Kinds are small integer codes (`KINDS`); ids are read only on
 request. A shard written before the metadata existed is still read: its counts come from one
 vectorised pass over it. `verify=True` (`--verify-data`) checks every token of every shard.
 """
@@ -168,6 +169,7 @@ class Shard:
     def __init__(self, path: Path, random_access: bool = True):
         self.path = path
         mm, table = _map(path)
+        self.nbytes = len(mm)
         col = table.column("tokens")
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         self.table = table
@@ -248,33 +250,122 @@ def read_in_threads(fn, items: list, part: int = 256) -> list:
         return [y for ys in pool.map(lambda p: [fn(x) for x in p], parts) for y in ys]
 
 
-def shard_files(folder: str | Path) -> list[Path]:
+def shard_names(folder: str | Path) -> list[str]:
+    """Names of the `*.arrow` files of a folder, sorted: one listing of the folder, no stat per file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ShardError(f"shard folder {folder} does not exist")
-    files = sorted(folder.glob("*.arrow"))
-    if not files:
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if e.name.endswith(".arrow") and not e.name.startswith("."))
+    if not names:
         raise ShardError(f"shard folder {folder} holds no *.arrow files")
-    return files
+    return names
 
 
-def _index_entries(folder: Path) -> dict[str, dict]:
-    """index.json entries for the shards of `folder` (paths relative to the index's folder), by file name."""
+def shard_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    return [folder / n for n in shard_names(folder)]
+
+
+class ShardFiles:
+    """The paths of a folder's shards, made when asked for (200,000 Path objects would be the largest per-shard state)."""
+
+    def __init__(self, folder: Path, names: list[str]):
+        self.folder, self.names = Path(folder), names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self.folder / n for n in self.names[j]]
+        return self.folder / self.names[j]
+
+    def __iter__(self):
+        return (self.folder / n for n in self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One shard of index.json, as training needs it (length and kind counts shared between equal shards)."""
+
+    path: str
+    sentences: int | None
+    images: int | None
+    tokens: int | None
+    max_token: int | None
+    kinds: dict | None
+    length_counts: dict | None  # {token length (int): sentences}
+    bytes: int | None
+    index: str  # the index.json it came from
+
+    @property
+    def complete(self) -> bool:
+        return self.sentences is not None and self.tokens is not None and self.max_token is not None
+
+    def as_stats(self) -> dict:
+        return {"sentences": self.sentences, "images": self.images or 0, "tokens": self.tokens,
+                "max_token": self.max_token, "kinds": self.kinds or {}}
+
+
+def parse_index(path: Path) -> dict[str, dict[str, IndexEntry]]:
+    """index.json -> {folder (normalised absolute path): {file name: entry}}, in one parse. The shard entries become
+    `IndexEntry`s as they are parsed and equal count dicts one shared object, so 200,000 shards cost tens of MB."""
+    shared: dict = {}
+    as_int: dict = {}
+    where = str(path)
+
+    def hook(d: dict):
+        if "path" in d and "sentences" in d and isinstance(d["path"], str):
+            lc = d.get("length_counts")
+            if lc is not None:
+                key = id(lc)
+                if key not in as_int:
+                    as_int[key] = {int(k): int(v) for k, v in lc.items()}
+                lc = as_int[key]
+
+            def num(k):
+                v = d.get(k)
+                return None if v is None else int(v)
+
+            return IndexEntry(d["path"], num("sentences"), num("images"), num("tokens"), num("max_token"),
+                              d.get("kinds"), lc, num("bytes"), where)
+        if d and all(type(v) is int for v in d.values()):  # counts (kinds, length_counts): one object per distinct one
+            return shared.setdefault(tuple(d.items()), d)
+        return d
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh, object_hook=hook)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}); run the index step of make_shards again") from None
+    base = os.path.normpath(path.parent.resolve())
+    out: dict[str, dict[str, IndexEntry]] = {}
+    for e in index.get("shards", []) if isinstance(index, dict) else []:
+        if not isinstance(e, IndexEntry):
+            continue
+        full = os.path.join(base, e.path)
+        if "/." in "/" + e.path or "//" in e.path:  # "train/x.arrow" needs no normalising (the base is normal)
+            full = os.path.normpath(full)
+        folder, name = os.path.split(full)
+        out.setdefault(folder, {})[name] = e
+    return out
+
+
+def _index_entries(folder: Path, cache: dict | None = None) -> dict[str, IndexEntry]:
+    """index.json entries for the shards of `folder` (paths relative to the index's folder), by file name. The
+    index is `folder/index.json` or `folder/../index.json`; `cache` (one dict for the folders opened together: a
+    source's train and val) keeps each index parsed once."""
     for cand in (folder / "index.json", folder.parent / "index.json"):
         if not cand.is_file():
             continue
-        try:
-            index = json.loads(cand.read_text())
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{cand} is not valid JSON ({e}); run the index step of make_shards again") from None
-        base = os.path.normpath(cand.parent.resolve())
-        here = os.path.normpath(folder.resolve())
-        out = {}
-        for e in index.get("shards", []):
-            full = os.path.normpath(os.path.join(base, e["path"]))
-            if os.path.dirname(full) == here:
-                out[os.path.basename(full)] = {**e, "_index": str(cand)}
-        return out
+        key = str(cand.resolve())
+        parsed = cache.get(key) if cache is not None else None
+        if parsed is None:
+            parsed = parse_index(cand)
+            if cache is not None:
+                cache[key] = parsed
+        return parsed.get(os.path.normpath(folder.resolve()), {})
     return {}
 
 
@@ -286,7 +377,7 @@ class ShardSet:
     """
 
     folder: Path
-    files: list[Path]
+    files: ShardFiles | list[Path]
     sentences: np.ndarray   # int64 per shard
     tokens: np.ndarray      # int64 per shard (visual tokens, no BOS/EOS)
     images: np.ndarray      # int64 per shard
@@ -296,12 +387,16 @@ class ShardSet:
     capacity: int = OPEN_SHARDS
     _length_counts: list = field(default_factory=list, repr=False)
     _open: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    nbytes: np.ndarray | None = None  # int64 per shard: its size as index.json records it (-1: not recorded)
+    index: str | None = None          # the index.json the counts came from
 
     def __post_init__(self):
         self.first = np.zeros(len(self.files) + 1, np.int64)
         np.cumsum(self.sentences, out=self.first[1:])
         if not self._length_counts:
             self._length_counts = [None] * len(self.files)
+        if self.nbytes is None:
+            self.nbytes = np.full(len(self.files), -1, np.int64)
 
     # --- per shard -------------------------------------------------------------------------
     @property
@@ -315,6 +410,9 @@ class ShardSet:
             self._open.move_to_end(j)
             return s
         s = Shard(self.files[j])
+        if 0 <= self.nbytes[j] != s.nbytes:  # checked here, when the shard is first opened, not by a stat of every shard
+            raise ShardError(f"shard {s.path} has {s.nbytes} bytes, {self.index} says {self.nbytes[j]}: it changed after it "
+                             "was indexed or was cut short (run make_shards again)")
         if len(s) != self.sentences[j] or int(s.offsets[-1]) - int(s.offsets[0]) != self.tokens[j]:
             raise ShardError(f"shard {s.path} holds {len(s)} sentences and {int(s.offsets[-1]) - int(s.offsets[0])} tokens, "
                              f"recorded {self.sentences[j]} and {self.tokens[j]}: it changed after it was indexed "
@@ -396,64 +494,83 @@ class ShardSet:
                 f"({json.dumps(kinds, sort_keys=True)})")
 
 
-def _recorded(path: Path, entry: dict | None) -> dict | None:
-    """Counts of a shard without reading its tokens: from index.json (size checked) or its metadata."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ShardError(f"cannot read shard {path}: {e}") from None
-    if entry is not None:
-        if "bytes" in entry and int(entry["bytes"]) != size:
-            raise ShardError(f"shard {path} has {size} bytes, {entry['_index']} says {entry['bytes']}: it changed after it "
-                             "was indexed or was cut short (run make_shards again)")
-        if all(k in entry for k in ("sentences", "tokens", "max_token")):
-            return entry
+def _recorded(path: Path, entry: IndexEntry | None) -> dict | None:
+    """Counts of a shard not (fully) in index.json, from its metadata (reads its header), checked against the entry."""
     rec = read_recorded_stats(path)
-    if rec is not None and entry is not None and int(entry.get("sentences", rec["sentences"])) != rec["sentences"]:
-        raise ShardError(f"shard {path} records {rec['sentences']} sentences, {entry['_index']} says {entry['sentences']}")
+    if rec is not None and entry is not None and entry.sentences is not None and entry.sentences != rec["sentences"]:
+        raise ShardError(f"shard {path} records {rec['sentences']} sentences, {entry.index} says {entry.sentences}")
     return rec
 
 
 def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bool = False,
-                rank: int = 0, world: int = 1, capacity: int = OPEN_SHARDS) -> ShardSet:
-    """The shards of `folder`, checked cheaply (sizes and recorded counts; ids < vocab_limit).
+                rank: int = 0, world: int = 1, capacity: int = OPEN_SHARDS, index_cache: dict | None = None) -> ShardSet:
+    """The shards of `folder`, checked cheaply (recorded counts; ids < vocab_limit).
 
-    With verify=True every token of every shard is read and checked (shards j with j % world == rank:
-    ranks share the work). Raises ShardError with a one-line message naming the file.
+    Start-up reads one listing of the folder and index.json (parsed once per `index_cache`: pass one dict for the
+    folders opened together), and the header of a shard only when the index lacks its counts: no stat of each
+    shard. A shard's size is checked against the index when it is first opened (`ShardSet.shard`). With
+    verify=True every token of every shard is read and checked (shards j with j % world == rank: ranks share
+    the work). Raises ShardError with a one-line message naming the file.
     """
     folder = Path(folder)
-    files = shard_files(folder)
-    index = _index_entries(folder)
-    present = {f.name for f in files}
-    missing = sorted(set(index) - present)
-    if missing:
-        raise ShardError(f"shard {folder / missing[0]} is listed in {index[missing[0]]['_index']} but missing "
-                         f"({len(missing)} missing in all)")
-    n = len(files)
+    names = shard_names(folder)
+    index = _index_entries(folder, index_cache)
+    if index:
+        present = set(names)
+        missing = [n for n in index if n not in present]
+        if missing:
+            missing.sort()
+            raise ShardError(f"shard {folder / missing[0]} is listed in {index[missing[0]].index} but missing "
+                             f"({len(missing)} missing in all)")
+    files = ShardFiles(folder, names)
+    n = len(names)
     sentences, tokens, images, max_token = (np.zeros(n, np.int64) for _ in range(4))
+    nbytes = np.full(n, -1, np.int64)
     kind_counts = np.zeros((n, len(KINDS)), np.int64)
     length_counts: list = [None] * n
     scanned = 0
-    recorded = read_in_threads(lambda f: _recorded(f, index.get(f.name)), files)  # sizes, maybe headers
-    for j, (f, rec) in enumerate(zip(files, recorded, strict=True)):
-        if rec is None:  # a shard written before counts were recorded: one pass over it
-            rec = Shard(f, random_access=False).scan()
-            scanned += 1
-        sentences[j], images[j] = int(rec["sentences"]), int(rec.get("images", 0))
-        tokens[j] = int(rec["tokens"]) if "tokens" in rec else images[j] * TOKENS_PER_IMAGE
-        max_token[j] = int(rec["max_token"])
-        for k, c in (rec.get("kinds") or {}).items():
-            if k not in KIND_CODES:
-                raise ShardError(f"shard {f} has sentences of kind {k!r}, not one of {list(KINDS)}")
-            kind_counts[j, KIND_CODES[k]] = int(c)
-        if "length_counts" in rec and rec is index.get(f.name):  # from the index: kept (else read on demand)
-            length_counts[j] = {int(k): int(v) for k, v in rec["length_counts"].items()}
-        if max_token[j] >= vocab_limit:
-            raise ShardError(f"shard {f} holds token id {max_token[j]} >= codebook size {vocab_limit}: "
-                             "made by another tokenizer or corrupt")
-        if tokens[j] != images[j] * TOKENS_PER_IMAGE:
-            raise ShardError(f"shard {f}: {tokens[j]} tokens for {images[j]} images, not {TOKENS_PER_IMAGE} per image")
-    shards = ShardSet(folder, files, sentences, tokens, images, max_token, kind_counts, scanned, capacity, length_counts)
+    entries = [index.get(name) for name in names]
+    need = [j for j, e in enumerate(entries) if e is None or not e.complete]  # unlisted shards, older indexes
+    headers = dict(zip(need, read_in_threads(lambda j: _recorded(files[j], entries[j]), need), strict=True))
+    kind_rows: dict = {}  # id of a (shared) kinds dict -> its row of counts
+    for j, e in enumerate(entries):
+        if j in headers:
+            rec = headers[j]
+            if rec is None:  # a shard written before counts were recorded: one pass over it
+                rec = Shard(files[j], random_access=False).scan()
+                scanned += 1
+            sentences[j], images[j] = int(rec["sentences"]), int(rec.get("images", 0))
+            tokens[j] = int(rec["tokens"]) if "tokens" in rec else images[j] * TOKENS_PER_IMAGE
+            max_token[j] = int(rec["max_token"])
+            kinds = rec.get("kinds") or {}
+        else:
+            sentences[j], images[j], tokens[j], max_token[j] = e.sentences, e.images or 0, e.tokens, e.max_token
+            kinds = e.kinds or {}
+            length_counts[j] = e.length_counts  # from the index: kept, shared between equal shards (else read on demand)
+        if e is not None and e.bytes is not None:
+            nbytes[j] = e.bytes
+        row = kind_rows.get(id(kinds))
+        if row is None:
+            row = np.zeros(len(KINDS), np.int64)
+            for k, c in kinds.items():
+                if k not in KIND_CODES:
+                    raise ShardError(f"shard {files[j]} has sentences of kind {k!r}, not one of {list(KINDS)}")
+                row[KIND_CODES[k]] = int(c)
+            if j not in headers:
+                kind_rows[id(kinds)] = row
+        kind_counts[j] = row
+    bad = np.flatnonzero(max_token >= vocab_limit)
+    if len(bad):
+        j = int(bad[0])
+        raise ShardError(f"shard {files[j]} holds token id {max_token[j]} >= codebook size {vocab_limit}: "
+                         "made by another tokenizer or corrupt")
+    bad = np.flatnonzero(tokens != images * TOKENS_PER_IMAGE)
+    if len(bad):
+        j = int(bad[0])
+        raise ShardError(f"shard {files[j]}: {tokens[j]} tokens for {images[j]} images, not {TOKENS_PER_IMAGE} per image")
+    where = next((e.index for e in entries if e is not None), None)
+    shards = ShardSet(folder, files, sentences, tokens, images, max_token, kind_counts, scanned, capacity, length_counts,
+                      nbytes=nbytes, index=where)
     if verify:
         for j in range(rank, n, world):
             verify_shard(shards, j)
@@ -463,7 +580,11 @@ def open_shards(folder: str | Path, vocab_limit: int = CODEBOOK_SIZE, verify: bo
 def verify_shard(shards: ShardSet, j: int) -> None:
     """Every token of shard j against its recorded counts (`--verify-data`)."""
     f = shards.files[j]
-    got = Shard(f, random_access=False).scan()
+    shard = Shard(f, random_access=False)
+    if 0 <= shards.nbytes[j] != shard.nbytes:
+        raise ShardError(f"shard {f} has {shard.nbytes} bytes, {shards.index} says {shards.nbytes[j]}: it changed after it "
+                         "was indexed or was cut short (run make_shards again)")
+    got = shard.scan()
     want = {"sentences": int(shards.sentences[j]), "tokens": int(shards.tokens[j]), "images": int(shards.images[j]),
             "max_token": int(shards.max_token[j])}
     diff = {k: (got[k], v) for k, v in want.items() if got[k] != v}

@@ -3,8 +3,8 @@
 A source is a `--data` folder: a make_shards output folder (its `train/`, and `val/` for validation)
 or a folder of `*.arrow` files (validation from `../val` when that exists). Every source of a mixture
 must come from the same tokenizer (tokenizer.json in the folder or its parent; `lvm.artifacts` says what
-"the same" is). Opening a source reads
-counts (index.json, shard metadata), not tokens, unless `--verify-data`.
+"the same" is). Opening a source reads counts (index.json, parsed once per source, or shard metadata), not
+tokens, unless `--verify-data`, and stats no shard (`lvm.data.shards.open_shards`).
 """
 
 from __future__ import annotations
@@ -118,9 +118,10 @@ def open_data(data: list[str] | str, val_data: list[str] | str | None = None, ve
     data = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     val_data = [val_data] if isinstance(val_data, (str, os.PathLike)) else val_data
     sources, info = resolve_sources(data, val_data)
+    parsed: dict = {}  # each index.json parsed once (a source's train and val share one)
     for s in sources:
-        s.train = open_shards(s.train_dir, CODEBOOK_SIZE, verify, rank, world)
-        s.val = open_shards(s.val_dir, CODEBOOK_SIZE, verify, rank, world) if s.val_dir is not None else None
+        s.train = open_shards(s.train_dir, CODEBOOK_SIZE, verify, rank, world, index_cache=parsed)
+        s.val = open_shards(s.val_dir, CODEBOOK_SIZE, verify, rank, world, index_cache=parsed) if s.val_dir is not None else None
     return sources, info
 
 
