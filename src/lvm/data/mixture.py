@@ -14,10 +14,17 @@ A micro-step consumes `world_size * micro_batch` consecutive global windows, ran
 slice: ranks never read the same window. The loader's only state is `windows_consumed`; a resumed
 run sees exactly the windows the uninterrupted one would have seen next, for any world size with
 the same global batch.
+
+Data that changed since the checkpoint (a corpus that grew: more shards, other counts) is refused, unless
+the run asks to continue (`--data-changed continue`): then the windows from the checkpoint's position on
+are a new layout over the data as it is now, starting with each source's next whole epoch (epochs by the
+checkpoint's own count, so no epoch's order is drawn twice); the step, the optimizer and the schedule go
+on. The loader then also keeps where that layout began (`origin`, `epoch_base`) and what was read before.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,12 +99,20 @@ class MixtureWindows:
         total = float(sum(weights))
         self.weights = [float(w) / total for w in weights]
         self.schedule = WeightedSchedule(self.weights)
+        # after a data change (`--data-changed continue`): global window `origin` is the first of this layout, and
+        # source s begins at its epoch `epoch_base[s]`
+        self.origin = 0
+        self.epoch_base = np.zeros(len(sources), np.int64)
 
     def window(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
         """(input_ids, targets, position_ids or None, source index) of global window g."""
-        s, i = self.schedule.at(g)
-        ids, targets, pos = self.sources[s].window(i)
+        s, i = self.schedule.at(g - self.origin)
+        ids, targets, pos = self.sources[s].window(int(self.epoch_base[s]) * self.sources[s].per_epoch + i)
         return ids, targets, pos, s
+
+    def drawn(self, g: int) -> np.ndarray:
+        """Windows of each source among global windows origin..g-1 (this layout's)."""
+        return self.schedule.drawn(max(0, g - self.origin))
 
     def identity(self) -> dict:
         return {"seq_len": self.seq_len, "mode": self.mode, "seed": self.seed,
@@ -118,6 +133,7 @@ class DistributedLoader:
             windows = MixtureWindows([windows])
         self.windows, self.micro_batch, self.rank, self.world_size = windows, micro_batch, rank, world_size
         self.windows_consumed = 0
+        self._tokens_before: dict[str, int] = {}  # input tokens by source read before a data change (`--data-changed continue`)
         self.prefetch, self.pin = prefetch, pin
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: deque = deque()  # (first global window, future of its Batch), in order
@@ -169,37 +185,111 @@ class DistributedLoader:
             self._pool = None
 
     def windows_by_source(self) -> np.ndarray:
-        return self.windows.schedule.drawn(self.windows_consumed)
+        """Windows of each source drawn in this layout (all of the run's, unless the data changed on a resume)."""
+        return self.windows.drawn(self.windows_consumed)
 
     def tokens_by_source(self) -> dict[str, int]:
         """Input tokens of the windows drawn so far from each source, by all ranks, PAD left out
         (`SourceWindows.input_tokens`: seq_len per concat window, the stream's stride, a concat window's extra
-        token being only a target; a sentence window's sentences without its PAD tail)."""
+        token being only a target; a sentence window's sentences without its PAD tail); after a data change,
+        those read before it plus this layout's."""
         n = self.windows_by_source()
-        return {name: src.input_tokens(int(n[k]))
-                for k, (name, src) in enumerate(zip(self.windows.names, self.windows.sources, strict=True))}
+        out = {}
+        for k, (name, src) in enumerate(zip(self.windows.names, self.windows.sources, strict=True)):
+            skip = int(self.windows.epoch_base[k]) * src.per_epoch
+            out[name] = self._tokens_before.get(name, 0) + src.input_tokens(skip + int(n[k])) - src.input_tokens(skip)
+        return out
 
     def epochs_by_source(self) -> dict[str, float]:
         n = self.windows_by_source()
-        return {name: float(n[k]) / src.per_epoch for k, (name, src) in enumerate(zip(self.windows.names, self.windows.sources, strict=True))}
+        return {name: float(self.windows.epoch_base[k]) + float(n[k]) / src.per_epoch
+                for k, (name, src) in enumerate(zip(self.windows.names, self.windows.sources, strict=True))}
 
     @property
     def epoch(self) -> float:
         """Epochs of the first source (the only one of a single-source run)."""
-        return float(self.windows_by_source()[0]) / self.windows.sources[0].per_epoch
+        return next(iter(self.epochs_by_source().values()))
 
     def state_dict(self) -> dict:
-        return {"format": STREAM_FORMAT, "windows_consumed": self.windows_consumed, **self.windows.identity(),
-                "names": self.windows.names}
+        state = {"format": STREAM_FORMAT, "windows_consumed": self.windows_consumed, **self.windows.identity(),
+                 "names": self.windows.names}
+        if self.windows.origin:  # only after a data change: other checkpoints keep their old form
+            state.update(origin=self.windows.origin, epoch_base=self.windows.epoch_base.tolist(),
+                         tokens_before=dict(self._tokens_before))
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STREAM_FORMAT:
-            raise ValueError("cannot resume the data stream: the checkpoint's loader state is from an older loader "
-                             f"(format {state.get('format', 'lvm-windows/1')}, now {STREAM_FORMAT}) whose window order is not "
-                             "reproduced; start a new run (--resume none, or another --output)")
-        mine = self.windows.identity()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if diff:
-            raise ValueError("cannot resume the data stream: " + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
+    def load_state_dict(self, state: dict, data_changed: str = "refuse") -> str | None:
+        """Continue the stream of a checkpoint's loader state. Data that changed since (`data_change`) is refused,
+        or with data_changed="continue" a new layout over the data as it is now begins at the checkpoint's window
+        (module doc); returns that one line to log (None when nothing changed)."""
+        change = data_change(state, self.windows)
         self._drop_ahead()
         self.windows_consumed = int(state["windows_consumed"])
+        if change is None:
+            self.windows.origin = int(state.get("origin", 0))
+            self.windows.epoch_base = np.array(state.get("epoch_base", [0] * len(self.windows.sources)), np.int64)
+            self._tokens_before = dict(state.get("tokens_before", {}))
+            return None
+        if data_changed != "continue":
+            raise ValueError(refusal(change))
+        epochs, tokens = progress(state)
+        base = [math.ceil(epochs.get(name, 0.0) - 1e-9) for name in self.windows.names]
+        self.windows.origin = self.windows_consumed
+        self.windows.epoch_base = np.array(base, np.int64)
+        self._tokens_before = {name: tokens.get(name, 0) for name in self.windows.names}
+        starts = ", ".join(f"{n} epoch {e}" for n, e in zip(self.windows.names, base, strict=True))
+        return (f"data changed since the checkpoint ({change}); --data-changed continue: step, optimizer and schedule "
+                f"kept, a new epoch layout over the data as it is now from global window {self.windows_consumed} ({starts})")
+
+
+def data_change(state: dict, windows: MixtureWindows) -> str | None:
+    """How the data of a checkpoint's loader state (`DistributedLoader.state_dict`, also in run_state.json) differs
+    from `windows`' in one phrase, or None when it is the same. Raises ValueError (one line) for what no data change
+    explains: an older loader's state, or another window length, packing or seed."""
+    if state.get("format") != STREAM_FORMAT:
+        raise ValueError("cannot resume the data stream: the checkpoint's loader state is from an older loader "
+                         f"(format {state.get('format', 'lvm-windows/1')}, now {STREAM_FORMAT}) whose window order is not "
+                         "reproduced; start a new run (--resume none, or another --output)")
+    mine = {**windows.identity(), "names": windows.names}
+    fixed = {k: (state.get(k), mine[k]) for k in ("seq_len", "mode", "seed") if state.get(k) != mine[k]}
+    if fixed:
+        raise ValueError("cannot resume the data stream: " + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in fixed.items()))
+    if all(state.get(k) == mine[k] for k in ("sources", "schedule", "names")):
+        return None
+    old = dict(zip(state.get("names") or [], state.get("sources") or [], strict=False))
+    parts = []
+    for name, now in zip(mine["names"], mine["sources"], strict=True):
+        was = old.pop(name, None)
+        if was is None:
+            parts.append(f"source {name} is new")
+        elif was != now:
+            parts.append(f"{name}: " + ", ".join(f"{was.get(k)} -> {v} {k.replace('_', ' ')}"
+                                                 for k, v in now.items() if was.get(k) != v))
+    parts += [f"source {name} is gone" for name in old]
+    if not parts:
+        parts.append(f"source weights {state.get('schedule')} -> {mine['schedule']} (of {PERIOD})")
+    return "; ".join(parts)
+
+
+def refusal(change: str, tag: str = "the checkpoint") -> str:
+    return (f"cannot resume the data stream: the data changed since {tag} ({change}); resume with --data-changed continue "
+            "to keep the step, optimizer and schedule and start a new epoch layout over the data as it is now, or start a "
+            "new run (--resume none, or another --output)")
+
+
+def progress(state: dict) -> tuple[dict[str, float], dict[str, int]]:
+    """Epochs and input tokens of each source read by a loader state (by its own schedule and counts)."""
+    names, sources, counts = state.get("names") or [], state.get("sources") or [], state.get("schedule") or []
+    if not names or len(counts) != len(names):
+        return {}, {}
+    sched = WeightedSchedule([float(c) for c in counts])
+    drawn = sched.drawn(max(0, int(state["windows_consumed"]) - int(state.get("origin", 0))))
+    base = state.get("epoch_base") or [0] * len(names)
+    before = state.get("tokens_before") or {}
+    epochs, tokens = {}, {}
+    for k, (name, src) in enumerate(zip(names, sources, strict=True)):
+        per = int(src.get("windows_per_epoch") or 1)
+        epochs[name] = float(base[k]) + float(drawn[k]) / per
+        # concat: seq_len input tokens per window; sentence windows' tokens are not known without their data
+        tokens[name] = int(before.get(name, 0)) + (int(drawn[k]) * int(state["seq_len"]) if state.get("mode") == "concat" else 0)
+    return epochs, tokens

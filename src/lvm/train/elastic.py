@@ -94,11 +94,29 @@ def resolve_keeping_batch(ds_raw: dict, opts, given: set[str], world_size: int, 
     return ds
 
 
-def run_state(step: int, world_size: int, opts, ds: dict, schedule, skipped_steps: int) -> dict:
-    """What `checkpoint.write_run_state` records with every tag."""
-    return {"step": step, "world_size": world_size, "zero_stage": zero_stage(ds), "micro_batch": opts.micro_batch,
-            "grad_accum": opts.grad_accum, "global_batch_windows": opts.micro_batch * opts.grad_accum * world_size,
-            "seq_len": opts.seq_len, "schedule": schedule.as_dict(), "skipped_steps": skipped_steps}
+def run_state(step: int, world_size: int, opts, ds: dict, schedule, skipped_steps: int, data: dict | None = None) -> dict:
+    """What `checkpoint.write_run_state` records with every tag; `data`: the loader's state (what it read, of which
+    data), so a resume checks the data before any compute (`check_data`)."""
+    state = {"step": step, "world_size": world_size, "zero_stage": zero_stage(ds), "micro_batch": opts.micro_batch,
+             "grad_accum": opts.grad_accum, "global_batch_windows": opts.micro_batch * opts.grad_accum * world_size,
+             "seq_len": opts.seq_len, "schedule": schedule.as_dict(), "skipped_steps": skipped_steps}
+    if data is not None:
+        state["data"] = data
+    return state
+
+
+def check_data(resume: Resume | None, windows, data_changed: str) -> None:
+    """Before the engine: the data the checkpoint read (run_state.json's loader state) against this run's windows.
+    Data that changed is refused in one line naming --data-changed, unless it is "continue" (then the loader starts
+    a new layout when it loads the checkpoint). A tag written before run_state.json held the loader state is
+    checked when its client state is loaded."""
+    from lvm.data.mixture import data_change, refusal
+
+    if resume is None or not isinstance(resume.state.get("data"), dict):
+        return
+    change = data_change(resume.state["data"], windows)
+    if change is not None and data_changed != "continue":
+        raise ValueError(refusal(change, str(resume.ckpt_dir / resume.tag)))
 
 
 def needs_conversion(resume: Resume | None, world_size: int) -> bool:

@@ -45,6 +45,7 @@ class RunOptions:
     eval_max_sentences: int | None = None
     log_every: int = 10
     resume: str = "auto"
+    data_changed: str = "refuse"
     packing: str = "concat"
     max_bad_steps: int = 10
     gpu_mem_gib: float | None = None
@@ -96,6 +97,9 @@ HELP = {
     "eval_max_sentences": "cap on validation sentences (default: all)",
     "log_every": "log every N steps",
     "resume": "auto (latest checkpoint in the run folder, if any), none, or a checkpoint path",
+    "data_changed": "resuming on data that changed since the checkpoint (e.g. more shards): refuse, before any compute, "
+                    "or continue: keep the step, optimizer and schedule and start a new epoch layout over the data as it "
+                    "is now from the next window (logged in one line)",
     "packing": "concat: sentences concatenated and cut into windows; sentence: whole sentences best-fit, padded",
     "max_bad_steps": "stop after this many consecutive steps with a non-finite loss",
     "gpu_mem_gib": "GPU memory budget: the planner fills ds_config values left \"auto\"",
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if f.name == "packing":
             kw["choices"] = ["concat", "sentence"]
+        if f.name == "data_changed":
+            kw["choices"] = ["refuse", "continue"]
         if f.name == "precision":
             kw["choices"] = ["auto", "bf16", "fp16", "fp32"]
         if f.name == "attention":

@@ -155,6 +155,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         if env.rank == 0:
             print(finished_line(resume.ckpt_dir / resume.tag, resume.step, opts.max_steps), flush=True)
         return 0
+    elastic.check_data(resume, windows, opts.data_changed)  # data that changed since the checkpoint: refused now
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank0 = env.rank == 0
@@ -203,7 +204,9 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     step, skipped_steps = 0, 0
     if resume:
         client = elastic.load(engine, optimizer, where)
-        loader.load_state_dict(client["loader"])
+        changed = loader.load_state_dict(client["loader"], opts.data_changed)
+        if changed:
+            log.console(changed)
         ckpt.set_rng_state(client["rng"], env.rank)
         step, skipped_steps = int(client["step"]), int(client.get("skipped_steps", 0))
         if step >= opts.max_steps:  # a tag without run_state.json (older versions): its step is known only now
@@ -229,7 +232,8 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     def _save(reason: str):
         tag = ckpt.tag_for(step)
         if rank0:  # before DeepSpeed's files: a tag that 'latest' names always has it
-            ckpt.write_run_state(ckpt_dir / tag, elastic.run_state(step, env.world_size, opts, ds, sched, skipped_steps))
+            ckpt.write_run_state(ckpt_dir / tag, elastic.run_state(step, env.world_size, opts, ds, sched, skipped_steps,
+                                                                           data=loader.state_dict()))
         client = {"loader": loader.state_dict(), "rng": ckpt.gather_rng_states(), "step": step, "skipped_steps": skipped_steps,
                   "identity": identity, "options": asdict(opts), "schedule": sched.as_dict()}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
