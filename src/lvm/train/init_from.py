@@ -10,10 +10,13 @@ BOS/EOS/PAD (`lvm.model.vocab`), which lie inside its vocabulary. A vocabulary w
 (< 8195) or weights that do not fit the config (a missing, unexpected or misshapen tensor) stop the run
 before any compute, with one line; only tensor headers are read for that check.
 
-Loading streams one tensor at a time: under ZeRO-3 the model is already partitioned (built inside
-`zero.Init`) and each parameter is gathered, filled by rank 0 from the file (memory-mapped) and
-re-partitioned, so no rank ever holds more than one whole parameter; otherwise every rank copies
-each tensor into its replica.
+Loading streams one tensor at a time. Under ZeRO-1/2 the model is built on the meta device and
+materialised uninitialised on the rank's device in the compute dtype (`lvm.train.trainer.build_model`);
+each tensor of a safetensors file is then read with plain file reads straight into its parameter (or,
+when the dtype or device differs, into one temporary of that tensor's size), never through a memory map
+(whose pages would stay resident in every rank until the file is closed: a whole file per rank). Under
+ZeRO-3 the model is already partitioned (built inside `zero.Init`) and each parameter is gathered, filled
+by rank 0 from the file and re-partitioned, so no rank ever holds more than one whole parameter.
 """
 
 from __future__ import annotations
@@ -152,6 +155,65 @@ def model_config(opts, given: set[str]):
     return cfg
 
 
+# safetensors' dtype names (little-endian on disk, as torch on every platform we run)
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """The tensors of one .safetensors file, read one at a time with plain reads (no memory map).
+
+    The format: an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
+    byte range, then the data. `read(name, into)` fills `into` itself when it is a contiguous CPU tensor of
+    the same dtype and shape (no copy at all), else a new tensor of the file's dtype."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb", buffering=0)
+        try:
+            n = int.from_bytes(self.file.read(8), "little")
+            header = json.loads(self.file.read(n))
+            header.pop("__metadata__", None)
+            self.entries = {k: (ST_DTYPES[v["dtype"]], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+        except Exception as e:  # a truncated or foreign file (or an exotic dtype): one line naming it
+            self.file.close()
+            raise InitError(f"--init-from: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.data_start = 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries, key=lambda k: self.entries[k][2])  # file order: sequential reads
+
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        direct = (into is not None and into.device.type == "cpu" and into.dtype == dtype and tuple(into.shape) == shape
+                  and into.is_contiguous())
+        out = into if direct else torch.empty(shape, dtype=dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if len(view) != end - begin:
+            raise InitError(f"--init-from: {self.path}: {name} has {end - begin} bytes, its header makes it {len(view)}")
+        self.file.seek(self.data_start + begin)
+        got = 0
+        while got < len(view):
+            k = self.file.readinto(view[got:])
+            if not k:
+                raise InitError(f"--init-from: {self.path} ends inside {name}")
+            got += k
+        return out
+
+
+def _fill(dest: torch.Tensor, read) -> None:
+    t = read(dest)
+    if t.data_ptr() != dest.data_ptr():
+        dest.copy_(t)
+
+
 def _copy_into(param: torch.nn.Parameter, read, rank: int) -> None:
     if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter: gather, fill on rank 0, re-partition
         import deepspeed
@@ -159,35 +221,33 @@ def _copy_into(param: torch.nn.Parameter, read, rank: int) -> None:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
                 with torch.no_grad():
-                    param.data.copy_(read())
+                    _fill(param.data, read)
     else:
         with torch.no_grad():
-            param.copy_(read())
+            _fill(param.data, read)
 
 
 @torch.no_grad()
 def load_weights(model, folder: str | Path, rank: int) -> int:
     """Copy the folder's tensors into `model` one at a time; returns how many parameters were set."""
-    from safetensors import safe_open
-
     params = dict(model.named_parameters())
     done = set()
     under_zero3 = any(hasattr(p, "ds_id") for p in params.values())
     for f in weight_files(Path(folder)):
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as st:
+            with SafetensorsReader(f) as st:
                 for name in st.keys():
                     if name in params and name not in done:
                         if under_zero3 and rank != 0:  # only rank 0 reads; the others take part in the gather
                             _copy_into(params[name], None, rank)
                         else:
-                            _copy_into(params[name], lambda n=name: st.get_tensor(n), rank)
+                            _copy_into(params[name], lambda into, n=name: st.read(n, into), rank)
                         done.add(name)
         else:
             state = _load_bin(f)
             for name, t in state.items():
                 if name in params and name not in done:
-                    _copy_into(params[name], lambda t=t: t, rank)
+                    _copy_into(params[name], lambda into, t=t: t, rank)
                     done.add(name)
             del state
     left = sorted(set(params) - done)

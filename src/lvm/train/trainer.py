@@ -63,9 +63,15 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_model(cfg, ds: dict, grad_ckpt: bool, attention: str = "sdpa"):
-    """LlamaForCausalLM with `attention` (an implementation `lvm.model.attention.resolve_attention` chose);
-    under ZeRO-3 created inside deepspeed.zero.Init (never whole on one rank)."""
+def build_model(cfg, ds: dict, grad_ckpt: bool, attention: str = "sdpa", device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, init: bool = True):
+    """LlamaForCausalLM with `attention` (an implementation `lvm.model.attention.resolve_attention` chose).
+
+    Under ZeRO-3 it is created inside deepspeed.zero.Init (never whole on one rank). Otherwise it is built on
+    the meta device and materialised once, on `device` with its parameters in `dtype` (buffers such as RoPE's
+    inv_freq stay fp32, as DeepSpeed keeps them): no fp32 host copy of the whole model, no init on the host.
+    The weights are then drawn by the model's own init (`init`; normal(0, initializer_range), norms 1) with
+    the current RNG, or left unset for `--init-from` to fill; the buffers are always computed from `cfg`."""
     from transformers import LlamaForCausalLM
 
     keepalive = None
@@ -73,10 +79,32 @@ def build_model(cfg, ds: dict, grad_ckpt: bool, attention: str = "sdpa"):
         from transformers.integrations import HfDeepSpeedConfig
 
         keepalive = HfDeepSpeedConfig(ds)  # makes transformers build and init the model under zero.Init
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attention)
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation=attention)
+    else:
+        model = materialise(cfg, attention, device, dtype, init)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, keepalive
+
+
+def materialise(cfg, attention: str, device: torch.device | str, dtype: torch.dtype, init: bool):
+    """The model built on the meta device, then allocated once on `device` (see `build_model`)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation=attention)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)  # still meta: no memory
+    model.to_empty(device=device)  # uninitialised memory, buffers included
+    with torch.no_grad():
+        if init:
+            model.initialize_weights()  # every module's _init_weights, RoPE's buffers among them
+        else:
+            for m in model.modules():
+                if "RotaryEmbedding" in type(m).__name__:
+                    model._init_weights(m)  # inv_freq / original_inv_freq from the config
+    model.tie_weights()
+    return model
 
 
 @torch.no_grad()
@@ -185,7 +213,9 @@ def _train(opts: RunOptions, given: set[str]) -> int:
     attn, note = resolve_attention(opts.attention, device, dtype)
     if note:
         log.console(note)
-    model, _keepalive = build_model(cfg, ds, opts.grad_ckpt, attn)
+    # on this rank's device in the compute dtype; --init-from fills the weights instead of a random init
+    model, _keepalive = build_model(cfg, ds, opts.grad_ckpt, attn, device=device, dtype=dtype,
+                                    init=not (opts.init_from and resume is None))
     log.console(f"attention: {attn}" + (" (packed sentences: varlen, cu_seqlens from the packing)" if attn == "flash_attention_2"
                                         and opts.packing == "sentence" else " (packed sentences: block-diagonal causal mask)"
                                         if opts.packing == "sentence" else ""))
