@@ -164,3 +164,65 @@ def test_save_every_minutes(train_shards, tmp_path):
     timed = [x for x in r.stdout.splitlines() if "(0.01 minutes since the last checkpoint)" in x]
     tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert timed and len(tags) == len(timed) + 1 and tags[-1] == "step_00000040"  # + the one at the end
+
+
+def worker_pids(launcher_pid):
+    """The training processes under a launcher (children and grandchildren running launch/pretrain.py)."""
+    import psutil
+
+    procs = [(p, " ".join(p.cmdline())) for p in psutil.Process(launcher_pid).children(recursive=True)]
+    return [p for p, c in procs if PRETRAIN in c and "deepspeed.launcher" not in c and "torch.distributed.run" not in c]
+
+
+def launcher_cmd(launcher, port, args):
+    if launcher == "torchrun":  # the elastic agent: SIGTERM to the workers, SIGKILL 30 s later (--shutdown-timeout)
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), PRETRAIN, *args]
+    # deepspeed's runner starts deepspeed.launcher.launch, which starts the ranks (SIGKILL 30 s after SIGTERM)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), PRETRAIN, *args]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_launcher_sigterm_saves_the_current_step_within_its_grace_and_resumes(train_shards, tmp_path, launcher):
+    """SIGTERM to the launcher (torchrun's agent; deepspeed's per-node launcher, the process that relays it: its
+    runner does not on one node): the ranks finish the step, save it, exit 0 before the launcher's SIGKILL."""
+    run = tmp_path / "run"
+    args = base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "400", "--save-every", "1000")
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen(launcher_cmd(launcher, free_port(), args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_steps(run, 2, proc)
+        target = proc.pid
+        if launcher == "deepspeed":
+            import psutil
+
+            target = next(p.pid for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        t0 = time.monotonic()
+        os.kill(target, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert all(not w.is_running() or w.status() == "zombie" for w in workers)
+    assert took < 30, f"the ranks stopped {took:.1f}s after SIGTERM: past the launcher's 30 s grace\n{out[-3000:]}"
+    assert "forcefully exiting" not in out, out[-3000:]  # torchrun's word for its SIGKILL
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    step = json.loads((run / "checkpoints" / tag / "run_state.json").read_text())["step"]
+    assert f"saved checkpoint {run / 'checkpoints' / tag} (signal SIGTERM)" in out, out[-3000:]
+    assert 2 <= step < 400 and max(read_metrics(run)) == step  # the step it was in: nothing trained after it
+    print(f"{launcher}: stopped {took:.1f}s after SIGTERM; " + next(x for x in out.splitlines() if "saved checkpoint" in x))
+    # the job again, as a requeue would start it: --resume auto (the default) continues at step + 1
+    more = subprocess.run(launcher_cmd(launcher, free_port(), [*args, "--max-steps", str(step + 1)]), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert "resumed from" in more.stdout and (run / "checkpoints" / "latest").read_text().strip() == ckpt_tag(step + 1)
+    assert max(read_metrics(run)) == step + 1
+
+
+def ckpt_tag(step):
+    from lvm.train.checkpoint import tag_for
+
+    return tag_for(step)

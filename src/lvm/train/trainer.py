@@ -45,10 +45,13 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        self.since = None  # time.monotonic() of the first request
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signal is None:
+            self.since = time.monotonic()
         self.signal = signum
 
 
@@ -260,6 +263,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             _save(reason)
 
     def _save(reason: str):
+        t_save = time.monotonic()
         tag = ckpt.tag_for(step)
         if rank0:  # before DeepSpeed's files: a tag that 'latest' names always has it
             ckpt.write_run_state(ckpt_dir / tag, elastic.run_state(step, env.world_size, opts, ds, sched, skipped_steps,
@@ -272,7 +276,7 @@ def _train(opts: RunOptions, given: set[str]) -> int:
         if rank0:
             ckpt.prune(ckpt_dir, opts.keep_last)
         save_timer.saved()
-        log.console(f"saved checkpoint {ckpt_dir / tag} ({reason})")
+        log.console(f"saved checkpoint {ckpt_dir / tag} ({reason}) in {time.monotonic() - t_save:.1f}s")
 
     def validate():
         with throughput.paused():  # not training time
@@ -392,7 +396,10 @@ def _train(opts: RunOptions, given: set[str]) -> int:
             validate()
         if stop_now:
             save(f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}")
-            log.console("stopping on request; resume with --resume auto")
+            # launchers kill workers a fixed time after SIGTERM (torchrun and the deepspeed launcher: 30 s;
+            # launch/README.md): this is what the grace must cover
+            waited = f" {time.monotonic() - stop.since:.1f}s after the signal" if stop.since is not None else ""
+            log.console(f"stopping on request{waited}; resume with --resume auto")
             log.close()
             return 0
         if step % opts.save_every == 0 and step < opts.max_steps:
