@@ -29,8 +29,9 @@ from common import print_table  # noqa: E402
 TOKENIZER = {"spec": "vqgan:/models/lvm-vqgan", "codebook_size": 8192, "tokens_per_image": 256, "image_size": 256}
 
 
-def make_corpus(root: Path, n_train: int, n_val: int, sentences: int) -> None:
-    """root/{train,val}/u<k>-00000.arrow (hard links of one shard's copies), root/index.json, root/tokenizer.json."""
+def make_corpus(root: Path, n_train: int, n_val: int, sentences: int, table: bool = True) -> None:
+    """root/{train,val}/u<k>-00000.arrow (hard links of one shard's copies), root/index.json (and index.feather),
+    root/tokenizer.json."""
     from lvm.data.shards import read_recorded_stats, write_shard
 
     rng = np.random.default_rng(0)
@@ -57,6 +58,10 @@ def make_corpus(root: Path, n_train: int, n_val: int, sentences: int) -> None:
             shards.append({"path": f"{split}/{name}", **stats, "bytes": nbytes})
     (root / "index.json").write_text(json.dumps({"format": "lvm-shards/2", "tokenizer": TOKENIZER, "units": n_train,
                                                  "shards": shards}, indent=2))
+    if table:  # index.feather, as make_shards writes it beside index.json
+        from lvm.data.shards import write_index_table
+
+        write_index_table(root / "index.json", shards)
     (root / "tokenizer.json").write_text(json.dumps(TOKENIZER, indent=2))
 
 
@@ -105,6 +110,7 @@ def main() -> None:
     ap.add_argument("--val-shards", type=int, default=64)
     ap.add_argument("--sentences", type=int, default=64, help="sentences of the (one) real shard")
     ap.add_argument("--world", type=int, default=64)
+    ap.add_argument("--no-table", action="store_true", help="no index.feather: parse index.json (make_shards before it)")
     ap.add_argument("--dir", default=None, help="where to build the corpus (default: a temporary folder)")
     ap.add_argument("--child", nargs=4, metavar=("ROOT", "MODE", "RANK", "WORLD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -115,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp) / "corpus"
         t = time.perf_counter()
-        make_corpus(root, args.shards, args.val_shards, args.sentences)
+        make_corpus(root, args.shards, args.val_shards, args.sentences, not args.no_table)
         made = time.perf_counter() - t
         index_mb = (root / "index.json").stat().st_size / 2**20
         rows = []
@@ -130,7 +136,8 @@ def main() -> None:
                 rows.append([mode, f"{rank}/{args.world}", d["shards"], d["open"], d["windows"], d["first"], d["total"],
                              d["stats"], round(d["base_mb"]), round(d["peak_mb"]), round(d["peak_mb"] - d["base_mb"]),
                              "yes" if d["total"] < 5 and d["peak_mb"] - d["base_mb"] < 300 else "NO"])
-        print_table(f"start-up per rank: {args.shards:,} train + {args.val_shards} val shards, index.json {index_mb:.0f} MB "
+        table = "index.json parsed" if args.no_table else "index.feather read"
+        print_table(f"start-up per rank: {args.shards:,} train + {args.val_shards} val shards, index.json {index_mb:.0f} MB, {table} "
                     f"(corpus made in {made:.0f}s); seq 4096, micro batch 4",
                     ["packing", "rank", "shards", "open_data s", "windows s", "first batch s", "total s", "os.stat calls",
                      "RSS after imports MB", "peak RSS MB", "data MB", "< 5 s, < 300 MB"], rows)

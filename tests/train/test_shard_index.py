@@ -233,3 +233,21 @@ def test_start_up_stats_no_shard_and_parses_the_index_once(tmp_path, monkeypatch
         assert calls["glob"] == 0 and calls["scandir"] == 2 and calls["parse"] == 1, (mode, calls)
         assert shard_stats == [], (mode, shard_stats)  # folders, tokenizer.json, index.json only
         assert 1 <= calls["open"] <= 4, (mode, calls)  # the shards of this rank's two windows (each may span two)
+
+
+def test_index_columns_mirror_index_json_and_yield_to_a_changed_one(folder):
+    """make_shards writes index.json's shard entries as columns too (index.feather): read instead of parsing the JSON
+    (the same counts), and ignored once index.json no longer is the one they mirror."""
+    from lvm.data import shards as shards_mod
+
+    files = sorted(folder.glob("*.arrow"))
+    write_index(folder.parent, files)
+    from_json = shards_mod.parse_index(folder.parent / "index.json")
+    shards_mod.write_index_table(folder.parent / "index.json", json.loads((folder.parent / "index.json").read_text())["shards"])
+    assert shards_mod._read_index_table(folder.parent / "index.json") is not None
+    assert shards_mod.parse_index(folder.parent / "index.json") == from_json
+    a = open_shards(folder)
+    assert len(a) == 18 and a.kind_counts.sum() == 18 and not list(folder.glob("index*"))
+    write_index(folder.parent, files[:2])  # index.json written again: the columns mirror the old one
+    assert shards_mod._read_index_table(folder.parent / "index.json") is None
+    assert set(next(iter(shards_mod.parse_index(folder.parent / "index.json").values()))) == {f.name for f in files[:2]}

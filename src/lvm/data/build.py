@@ -46,7 +46,14 @@ from tqdm import tqdm
 from lvm.artifacts import TokenizerRecord
 from lvm.data.decode import decode_task
 from lvm.data.manifest import DEFAULT_MAX_IMAGES, KINDS, Sentence, Skip, iter_manifest_lines
-from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, temp_path, write_shard
+from lvm.data.shards import (
+    SPLITS,
+    atomic_write_text,
+    read_recorded_stats,
+    temp_path,
+    write_index_table,
+    write_shard,
+)
 from lvm.data.units import DEFAULT_PART_BYTES, InputError, Unit, plan_units, read_lines
 from lvm.data.webdataset import Sample, iter_samples
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
@@ -507,6 +514,7 @@ def write_index(out: Path, units: list[Unit], tok_info: dict) -> dict | None:
               "skipped": skipped}
     atomic_write_text(out / "tokenizer.json", json.dumps(tok_info, indent=2))
     atomic_write_text(out / "index.json", json.dumps(index, indent=2))
+    write_index_table(out / "index.json", index["shards"])  # its columns, what training reads at scale
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     remove_temp_files(out)  # every unit is finished: nothing is being written any more
     return report
