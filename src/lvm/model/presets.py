@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID, N_SPECIAL, PAD_ID, VOCAB_SIZE
 
 PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (64, 176, 2, 4),        # CPU tests and the demo
+    "tiny": (64, 176, 2, 4),        # CPU tests
+    "demo": (64, 176, 2, 1),        # make demo: learns the frame-to-frame copy on 2 CPU cores (docs/learning.md)
     "100m": (640, 1664, 22, 10),
     "300m": (1024, 2688, 22, 8),
     "600m": (1536, 4096, 22, 16),
@@ -22,6 +23,11 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "3b": (3200, 8640, 26, 32),
     "7b": (4096, 11008, 32, 32),
 }
+# Presets whose output head is the input embedding. LVM's models are untied; the demo's is tied because
+# with 8,256 rows and a few hundred thousand training tokens an untied head must learn each code's output
+# row separately (each code is seen a few dozen times), while a tied one copies a code as soon as one
+# attention head moves it (measured in docs/learning.md).
+TIED_PRESETS = frozenset({"demo"})
 DEFAULT_SEQ_LEN = 4096
 
 if TYPE_CHECKING:
@@ -49,7 +55,8 @@ def _config_dict(model: str) -> dict:
     if model in PRESETS:
         h, i, n_layers, n_heads = PRESETS[model]
         return {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n_layers,
-                "num_attention_heads": n_heads, "num_key_value_heads": n_heads, "vocab_size": VOCAB_SIZE}
+                "num_attention_heads": n_heads, "num_key_value_heads": n_heads, "vocab_size": VOCAB_SIZE,
+                "tie_word_embeddings": model in TIED_PRESETS}
     if not Path(model).is_file():
         raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor a config file")
     try:
@@ -68,7 +75,8 @@ def _config_dict(model: str) -> dict:
 def model_shape(model: str) -> ModelShape:
     d = _config_dict(model)
     return ModelShape(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], d["num_attention_heads"],
-                      d.get("num_key_value_heads") or d["num_attention_heads"], d["vocab_size"], False,
+                      d.get("num_key_value_heads") or d["num_attention_heads"], d["vocab_size"],
+                      bool(d.get("tie_word_embeddings", False)),
                       bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False)), d.get("head_dim"))
 
 
@@ -92,14 +100,15 @@ def llama_config(model: str, seq_len: int = DEFAULT_SEQ_LEN) -> LlamaConfig:
     from transformers import LlamaConfig
 
     try:
-        cfg = LlamaConfig.from_dict(_config_dict(model))
+        d = _config_dict(model)
+        cfg = LlamaConfig.from_dict(d)
     except ValueError:
         raise
     except Exception as e:  # transformers' strict field validation has its own error types
         raise ValueError(f"--model {model}: invalid LlamaConfig: {str(e).splitlines()[0]} {str(e).splitlines()[-1]}") from None
     cfg.max_position_embeddings = seq_len
     cfg.rms_norm_eps = 1e-6
-    cfg.tie_word_embeddings = False
+    cfg.tie_word_embeddings = bool(d.get("tie_word_embeddings", False))
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     cfg.use_cache = False
     return cfg
