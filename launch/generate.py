@@ -3,8 +3,12 @@
 
     python launch/generate.py --checkpoint runs/demo --prompt f0.png f1.png f2.png --out gen/   # next frame
     python launch/generate.py --checkpoint runs/demo --prompt a.png a_edges.png b.png --out gen/  # analogy A A' B -> B'
+    python launch/generate.py --checkpoint runs/demo --unconditional --truth f3.png --out gen0/      # no prompt
 
 Prompt images are tokenized with the tokenizer recorded beside the training shards (or --tokenizer).
+With --truth (the true next image(s)), the grid gets a truth column and OUT/generation.json holds the PSNR of
+each generated image against the truth as the tokenizer reproduces it (encoded and decoded: the best any model
+of these tokens can do) and against the truth's own pixels.
 Writes OUT/generated_<i>.png per generated image and OUT/grid.png (prompt | generation, a row per sample).
 """
 
@@ -25,6 +29,8 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", nargs="+", help="prompt image files, in order")
     g.add_argument("--prompt-file", help="JSON list of prompt image paths (for long prompts)")
+    g.add_argument("--unconditional", action="store_true", help="no prompt: generate from [BOS] alone")
+    p.add_argument("--truth", nargs="+", default=None, help="the true next image(s), one per --n-images: PSNR and a grid column")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one that made the training shards)")
     p.add_argument("--n-images", type=int, default=1, help="images to generate")
@@ -36,7 +42,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (slow; for checks)")
     a = p.parse_args(argv)
 
-    from lvm.eval.generate import PromptError, Sampling, fit_prompt, prompt_room, sample_codes, save_outputs
+    from lvm.data.shards import atomic_write_text
+    from lvm.eval.generate import (
+        PromptError,
+        Sampling,
+        fit_prompt,
+        generation_report,
+        prompt_room,
+        sample_codes,
+        save_outputs,
+    )
+
+    def write_json(path, obj):
+        atomic_write_text(path, json.dumps(obj, indent=2))
     from lvm.eval.model_io import ModelLoadError, load_model, model_window
     from lvm.tokenizer import load_tokenizer
     from lvm.tokenizer.preprocess import SourceError, load_image, to_pixels
@@ -44,7 +62,7 @@ def main(argv=None) -> int:
     try:
         if a.n_images < 1 or a.num_samples < 1:
             raise PromptError("--n-images and --num-samples must be >= 1")
-        paths = a.prompt
+        paths = [] if a.unconditional else a.prompt
         if a.prompt_file:
             paths = json.loads(Path(a.prompt_file).read_text())
             if not isinstance(paths, list) or not paths or not all(isinstance(x, str) for x in paths):
@@ -57,13 +75,21 @@ def main(argv=None) -> int:
                 frames.append(load_image(path))
             except SourceError as e:
                 raise PromptError(f"prompt image {path}: {e}") from None
+        truth = []
+        for path in a.truth or []:
+            try:
+                truth.append(load_image(path))
+            except SourceError as e:
+                raise PromptError(f"--truth image {path}: {e}") from None
+        if truth and len(truth) != a.n_images:
+            raise PromptError(f"--truth gives {len(truth)} image(s) for --n-images {a.n_images}")
         prompt_room(model_window(a.checkpoint), a.n_images)  # checked before any weights are read
         model, info = load_model(a.checkpoint)
         spec = a.tokenizer or (info or {}).get("spec_resolved") or (info or {}).get("spec")
         if not spec:
             raise PromptError("no tokenizer recorded with this model: pass --tokenizer")
         tok = load_tokenizer(spec)
-        codes = tok.encode(to_pixels(np.stack(frames)))
+        codes = tok.encode(to_pixels(np.stack(frames))) if frames else torch.zeros(0, tok.tokens_per_image, dtype=torch.long)
         codes, dropped = fit_prompt(codes, model.config.max_position_embeddings, a.n_images)
     except (PromptError, ModelLoadError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,12 +99,19 @@ def main(argv=None) -> int:
     s = Sampling(a.n_images, a.temperature, a.top_k or None, a.top_p, a.seed, a.num_samples, not a.no_cache)
     new = sample_codes(model, codes, s)
     with torch.no_grad():
-        prompt_px = tok.decode(codes)
+        prompt_px = tok.decode(codes) if len(codes) else torch.zeros(0, 3, tok.image_size, tok.image_size)
         gen_px = torch.stack([tok.decode(x) for x in new])
-    out_paths = save_outputs(prompt_px, gen_px, a.out)
+        truth_px = to_pixels(np.stack(truth)) if truth else None
+        truth_tok = tok.decode(tok.encode(truth_px)) if truth else None
+    out_paths = save_outputs(prompt_px, gen_px, a.out, truth_tok)
     for q in out_paths:
         print(q)
     print(Path(a.out) / "grid.png")
+    if truth:
+        report = generation_report(gen_px, truth_tok, truth_px)
+        write_json(Path(a.out) / "generation.json", {"prompt_images": len(codes), **report})
+        print(f"PSNR against the truth through the tokenizer {report['psnr_tokenized_truth']:.2f} dB "
+              f"(against its pixels {report['psnr_truth']:.2f} dB), mean over {len(out_paths)} generated image(s)")
     return 0
 
 

@@ -9,6 +9,7 @@ the window, since the last sampled token is never fed back).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,8 +86,24 @@ def sample_codes(model, prompt_codes: torch.Tensor, s: Sampling) -> torch.Tensor
     return new.view(s.num_samples, s.n_images, TOKENS_PER_IMAGE)
 
 
-def save_outputs(prompt: torch.Tensor, generated: torch.Tensor, out_dir) -> list:
-    """PNG per generated image and grid.png (a row per sample: prompt images | generated images)."""
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images (or batches) in [0, 1]."""
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def generation_report(generated: torch.Tensor, truth_tokenized: torch.Tensor, truth: torch.Tensor) -> dict:
+    """PSNR of generated images [S, n, 3, H, W] against the true next images [n, 3, H, W], as the tokenizer
+    reproduces them (encode + decode) and as they are; means over the samples and per sample."""
+    per_tok = [psnr(g, truth_tokenized) for g in generated]
+    per_px = [psnr(g, truth) for g in generated]
+    return {"psnr_tokenized_truth": sum(per_tok) / len(per_tok), "psnr_truth": sum(per_px) / len(per_px),
+            "psnr_tokenized_truth_per_sample": per_tok, "psnr_truth_per_sample": per_px,
+            "psnr_tokenizer": psnr(truth_tokenized, truth)}
+
+
+def save_outputs(prompt: torch.Tensor, generated: torch.Tensor, out_dir, truth: torch.Tensor | None = None) -> list:
+    """PNG per generated image and grid.png (a row per sample: prompt images | generated images [| truth])."""
     from pathlib import Path
 
     from PIL import Image
@@ -96,18 +113,22 @@ def save_outputs(prompt: torch.Tensor, generated: torch.Tensor, out_dir) -> list
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt_px, gen_px = to_uint8(prompt), to_uint8(generated)  # [k,H,W,3], [S,n,H,W,3]
+    truth_px = to_uint8(truth) if truth is not None else np.zeros((0,) + gen_px.shape[2:], np.uint8)
     paths = []
     for si in range(gen_px.shape[0]):
         for j in range(gen_px.shape[1]):
             name = f"generated_{si * gen_px.shape[1] + j}.png"
             Image.fromarray(gen_px[si, j]).save(out_dir / name)
             paths.append(out_dir / name)
-    size, gap = prompt_px.shape[1], 8
-    cols = len(prompt_px) + gen_px.shape[1]
-    grid = np.full((gen_px.shape[0] * (size + gap) - gap, cols * size + (cols - 1) * gap + 3 * gap, 3), 255, np.uint8)
+    gap = 8
+    size = gen_px.shape[2]
+    bars = 1 + (len(truth_px) > 0)
+    cols = len(prompt_px) + gen_px.shape[1] + len(truth_px)
+    grid = np.full((gen_px.shape[0] * (size + gap) - gap, cols * size + (cols - 1) * gap + 3 * gap * bars, 3), 255,
+                   np.uint8)
     for si in range(gen_px.shape[0]):
         y = si * (size + gap)
-        row = list(prompt_px) + [None] + list(gen_px[si])
+        row = list(prompt_px) + [None] + list(gen_px[si]) + ([None] + list(truth_px) if len(truth_px) else [])
         x = 0
         for img in row:
             if img is None:  # a wider gap and a bar between prompt and generation
