@@ -120,6 +120,17 @@ def score(model, table: ShardSet, window: int, batch_size: int = 4, rank: int = 
     return sums
 
 
+def unigram_entropy(table: ShardSet, max_sentences: int | None = None) -> float:
+    """Entropy (nats) of the visual codes of `table`'s sentences: the loss of the best model that ignores context,
+    which a model that learns anything of the sequences must go well below."""
+    n = len(table) if max_sentences is None else min(max_sentences, len(table))
+    counts = np.zeros(1 << 16, np.int64)
+    for i in range(n):
+        counts += np.bincount(table.sentence(i), minlength=1 << 16)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def results(sums: Sums) -> dict:
     def keyed(prefix):
         ks = sorted(int(k.split("/")[1]) for k in sums.n if k.startswith(prefix + "/"))

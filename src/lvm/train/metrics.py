@@ -193,3 +193,40 @@ class MetricsLogger:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows a run logged (`metrics.jsonl`), in order; a row cut by a kill at the end is left out."""
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_losses(run_dir: str | Path, path: str | Path, reference: float | None = None, wall_s: float | None = None) -> None:
+    """Training and validation loss (nats) against the step, from the run's metrics.jsonl, into `path` (PNG);
+    `reference` draws a horizontal line (e.g. the unigram entropy of the training tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for split, style in (("train", "-"), ("val", "o-")):
+        pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and r.get("loss") is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=f"{split} loss")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", label=f"unigram entropy {reference:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("Loss" + (f" ({wall_s / 60:.1f} min of training)" if wall_s else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
