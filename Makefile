@@ -16,7 +16,7 @@ WORKERS   ?= 2
 SEED      ?= 0
 SHARD_ARGS = $(foreach i,$(INPUT),--input '$(i)') --out $(SHARDS) --workers $(WORKERS) --seed $(SEED)
 
-.PHONY: venv test demo shards corpus bench lint clean gpu-check gpu-wheels bench-data bench-all
+.PHONY: venv test demo shards corpus pan-corpus bench lint clean gpu-check gpu-wheels bench-data bench-all
 
 venv: $(VENV)/.installed
 
@@ -40,8 +40,15 @@ shards: venv corpus
 	@if [ "$(TOKENIZER)" = "patch-kmeans" ]; then $(PY) data_prep/make_shards.py --fit-only $(SHARD_ARGS); fi
 	$(PY) data_prep/make_shards.py $(SHARD_ARGS) --tokenizer $(TOKENIZER)
 
+# make demo [CORPUS=folder with a manifest.jsonl]: shards go to data/shards for the embedded corpus, else to
+# data/shards-<corpus name> (or DEMO_SHARDS); exits 1 when the model did not learn (src/lvm/demo.py)
+DEMO_SHARDS ?= $(if $(filter data/demo_corpus,$(CORPUS)),$(SHARDS),data/shards-$(notdir $(abspath $(CORPUS))))
 demo: venv
-	$(PY) -m lvm.demo --corpus $(CORPUS) --shards $(SHARDS) --seed $(SEED)
+	$(PY) -m lvm.demo --corpus $(CORPUS) --shards $(DEMO_SHARDS) --seed $(SEED)
+
+# a second video corpus for `make demo CORPUS=data/pan_corpus`: camera pans over scikit-image's photographs
+pan-corpus: venv
+	$(PY) data_prep/synth_corpus.py --pans 200 --frames 16 --out data/pan_corpus --seed $(SEED)
 
 # each bench prints a table (numbers in docs/benchmarks.md); bench-data writes 5.4 GB of shards and takes
 # 25-40 minutes on 2 cores, so it is its own target (bench-all runs both)
