@@ -159,25 +159,26 @@ def make_corpus(out: str | Path, seed: int = 0, size: CorpusSize = CorpusSize())
     return manifest
 
 
-def copy_task(n_sentences: int, frames: int, palette: int = 64, redraw: float = 0.1, seed: int = 0,
-              shuffle_frames: bool = False, codes: int = 8192) -> list[np.ndarray]:
-    """A token-level task that needs context. Each sentence has its own palette of `palette` codes (of `codes`);
-    its frame 0 is 256 codes drawn from the palette, and every later frame repeats the one before it but for a
-    share `redraw` of its positions, drawn again from the palette. Context helps twice: the earlier frames show
-    the palette (any attention over them finds it), and the previous frame gives ~(1 - redraw) of the tokens
-    (attention to the same position one frame back). `shuffle_frames` is the negative control: the same frames
-    shuffled across sentences, so no frame says anything about the next."""
+def copy_task(n_sentences: int, frames: int, codes: int = 1024, redraw: float = 0.1, block: int = 2, seed: int = 0,
+              shuffle_frames: bool = False) -> list[np.ndarray]:
+    """A token-level task that needs context. A frame is a 16x16 grid of `block` x `block` blocks, each block one
+    code of `codes` (neighbouring tokens agree, as in images); frame 0 draws every block, and every later frame
+    repeats the one before it but for a share `redraw` of its blocks, drawn again. A model that copies from the
+    previous frame (attention to the same position one frame back, 256 tokens earlier) predicts all but the
+    redrawn blocks; without a previous frame only the tokens after a block's first are predictable.
+    `shuffle_frames` is the negative control: the same frames shuffled across sentences, so no frame says
+    anything about the next."""
     rng = np.random.default_rng(seed)
+    side = 16 // block
     out = []
     for _ in range(n_sentences):
-        pal = rng.choice(codes, palette, replace=False)
-        f = [pal[rng.integers(0, palette, 256)]]
+        f = [rng.integers(0, codes, (side, side))]
         for _ in range(frames - 1):
             nxt = f[-1].copy()
-            pos = rng.random(256) < redraw
-            nxt[pos] = pal[rng.integers(0, palette, int(pos.sum()))]
+            pos = rng.random((side, side)) < redraw
+            nxt[pos] = rng.integers(0, codes, int(pos.sum()))
             f.append(nxt)
-        out.append(np.stack(f))
+        out.append(np.stack(f).repeat(block, axis=1).repeat(block, axis=2))
     if shuffle_frames:
         pool = np.concatenate(out)
         pool = pool[rng.permutation(len(pool))]

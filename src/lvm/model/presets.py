@@ -23,11 +23,12 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "3b": (3200, 8640, 26, 32),
     "7b": (4096, 11008, 32, 32),
 }
-# Presets whose output head is the input embedding. LVM's models are untied; the demo's is tied because
-# with 8,256 rows and a few hundred thousand training tokens an untied head must learn each code's output
-# row separately (each code is seen a few dozen times), while a tied one copies a code as soon as one
-# attention head moves it (measured in docs/learning.md).
-TIED_PRESETS = frozenset({"demo"})
+# LlamaConfig fields a preset sets beyond its shape. LVM's models are untied with transformers' initialisation
+# (std 0.02). The demo's output head is its input embedding: with 8,256 rows and a few hundred thousand training
+# tokens an untied head must learn each code's output row separately (each code is seen a few dozen times), while a
+# tied one copies a code as soon as one attention head moves it. Its weights start at std 0.1 (~1/sqrt(hidden 64)):
+# at 0.02 a model this narrow sits on the unigram plateau for hundreds of steps (measured in docs/learning.md).
+PRESET_FIELDS: dict[str, dict] = {"demo": {"tie_word_embeddings": True, "initializer_range": 0.1}}
 DEFAULT_SEQ_LEN = 4096
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def _config_dict(model: str) -> dict:
         h, i, n_layers, n_heads = PRESETS[model]
         return {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n_layers,
                 "num_attention_heads": n_heads, "num_key_value_heads": n_heads, "vocab_size": VOCAB_SIZE,
-                "tie_word_embeddings": model in TIED_PRESETS}
+                "tie_word_embeddings": False, **PRESET_FIELDS.get(model, {})}
     if not Path(model).is_file():
         raise ValueError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor a config file")
     try:
