@@ -1,9 +1,12 @@
-"""A second video corpus for checking that a recipe is not tuned to the demo's shapes: camera pans over real
-photographs (the images that ship with scikit-image), written as H.264 clips with a manifest.
+"""Video corpora made from real photographs (the images that ship with scikit-image), for checking that a recipe
+is not tuned to the demo's synthetic shapes; H.264 clips with a manifest.
 
-Each clip picks a photograph, scales it so that the pan fits, and moves a 256x256 view by one token patch
-(16 pixels) per frame in one of eight directions. Consecutive frames therefore share all but one row or column of
-patches, shifted by one patch: a model must find where each patch went, not copy the same position.
+- pans: each clip picks a photograph, scales it so that the pan fits, and moves a 256x256 view by one token patch
+  (16 pixels) per frame in one of eight directions. Consecutive frames share all but one row or column of patches,
+  shifted by one patch: a model must find where each patch went (which way the camera moves), not copy the same
+  position.
+- scenes: a fixed camera on one photograph, with two to four pieces cut from other photographs moving and turning
+  over it (as the demo's shapes do over their textures).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from lvm.data.manifest import write_manifest
 from lvm.data.synth import SIZE, write_video
@@ -51,18 +54,57 @@ def pan_frames(photo: Image.Image, rng: np.random.Generator, frames: int) -> lis
             for t in range(frames)]
 
 
-def make_pan_corpus(out: str | Path, seed: int = 0, clips: int = 200, frames: int = 16) -> Path:
-    """Write `clips` pan videos of `frames` frames and their manifest into `out`; same seed, same corpus."""
+def view(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A random 256x256 view of a photograph (scaled so that its short side is 256 to 512 pixels)."""
+    scale = float(rng.uniform(SIZE, 2 * SIZE)) / min(photo.size)
+    img = photo.resize((max(SIZE, round(photo.width * scale)), max(SIZE, round(photo.height * scale))), Image.BICUBIC)
+    x, y = int(rng.integers(0, img.width - SIZE + 1)), int(rng.integers(0, img.height - SIZE + 1))
+    return img.crop((x, y, x + SIZE, y + SIZE))
+
+
+def scene_frames(photos: list[Image.Image], rng: np.random.Generator, frames: int) -> list[Image.Image]:
+    bg = view(photos[int(rng.integers(len(photos)))], rng)
+    pieces = []
+    for _ in range(int(rng.integers(2, 5))):
+        r = int(rng.integers(24, 56))
+        src = view(photos[int(rng.integers(len(photos)))], rng).resize((2 * r, 2 * r), Image.BICUBIC)
+        mask = Image.new("L", (2 * r, 2 * r), 0)
+        n = int(rng.integers(3, 9))
+        a0 = float(rng.uniform(0, 2 * np.pi))
+        ImageDraw.Draw(mask).polygon([(r + r * np.cos(a0 + 2 * np.pi * k / n), r + r * np.sin(a0 + 2 * np.pi * k / n))
+                                      for k in range(n)], fill=255)
+        pieces.append((src, mask, rng.uniform(r, SIZE - r, 2), rng.uniform(-8, 8, 2), float(rng.uniform(-12, 12))))
+    out = []
+    for t in range(frames):
+        img = bg.copy()
+        for src, mask, p0, v, spin in pieces:
+            piece, m = src.rotate(spin * t, Image.BICUBIC), mask.rotate(spin * t, Image.NEAREST)
+            cx, cy = (p0 + v * t) % SIZE
+            img.paste(piece, (int(cx) - src.width // 2, int(cy) - src.height // 2), m)
+        out.append(img)
+    return out
+
+
+KINDS = {"pans": "pan", "scenes": "scene"}
+
+
+def make_photo_video_corpus(out: str | Path, kind: str = "pans", seed: int = 0, clips: int = 200, frames: int = 16) -> Path:
+    """Write `clips` videos of `frames` frames (`kind`: pans or scenes) and their manifest into `out`; same seed,
+    same corpus."""
+    if kind not in KINDS:
+        raise ValueError(f"photo video corpus kind must be one of {', '.join(KINDS)}, not {kind!r}")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     photos = photographs()
     lines = []
     for i in range(clips):
-        name = f"videos/pan_{i:04d}.mp4"
-        write_video(pan_frames(photos[int(rng.integers(len(photos)))], rng, frames), out / name)
-        lines.append({"video": name, "kind": "video", "max_frames": frames, "id": f"pan/{i:04d}"})
+        name = f"videos/{KINDS[kind]}_{i:04d}.mp4"
+        clip = (pan_frames(photos[int(rng.integers(len(photos)))], rng, frames) if kind == "pans"
+                else scene_frames(photos, rng, frames))
+        write_video(clip, out / name)
+        lines.append({"video": name, "kind": "video", "max_frames": frames, "id": f"{KINDS[kind]}/{i:04d}"})
     manifest = out / "manifest.jsonl"
     write_manifest(lines, manifest)
-    (out / "corpus.json").write_text(json.dumps({"kind": "pans", "seed": seed, "clips": clips, "frames": frames}, indent=2))
+    (out / "corpus.json").write_text(json.dumps({"kind": kind, "seed": seed, "clips": clips, "frames": frames}, indent=2))
     return manifest
