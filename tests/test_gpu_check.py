@@ -83,3 +83,57 @@ def test_a_packing_proof_whose_control_does_not_leak_fails(tmp_path, monkeypatch
     rep = packing_report(tmp_path)
     assert rep.failed == ["packing under sdpa"], rep.rows
     assert "control does not leak" in rep.rows[0][3]
+
+
+FIX_ROWS = [("6 resume", "RNG state on resume"), ("6 resume", "fused AdamW after a universal-checkpoint load"),
+            ("6 compile", "--compile: decoder layers")]
+
+
+def test_the_three_fix_rows_are_in_a_smoke_report(tmp_path, monkeypatch):
+    """A --smoke run reports one row for each GPU-only fix (RNG on resume, fused AdamW after a universal load,
+    --compile), each run on the CPU and saying what it left to the GPU. The other steps are stubbed out here (they
+    have their own tests) and the compile row uses dynamo's eager backend, which is quick."""
+    import json
+
+    real = gpu_check.compile_check
+    monkeypatch.setattr(gpu_check, "compile_check", lambda device, backend="inductor": real(device, "eager"))
+    monkeypatch.setattr(gpu_check, "step_packing", lambda *a, **k: None)
+    monkeypatch.setattr(gpu_check, "step_encode_and_shards", lambda *a, **k: None)
+    monkeypatch.setattr(gpu_check, "step_throughput", lambda *a, **k: None)
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["failed"] == [] and len(data["rows"]) == 3, data["rows"]
+    for (section, measure), row in zip(FIX_ROWS, data["rows"], strict=True):
+        assert row[0] == section and row[1].startswith(measure) and row[3].startswith("no GPU (--smoke): "), row
+    assert [r[2] for r in data["rows"]] == ["equal", "stepped", "compiled"]
+    assert "CPU generators" in data["rows"][0][1] and "checked by make gpu-check" in data["rows"][0][3]
+    assert "compiled at the first forward" in data["rows"][2][3]
+    fixes = data["fixes"]
+    assert all(fixes["rng"].values()), fixes["rng"]
+    assert fixes["fused_adamw"]["steps"] == [2.0] and fixes["fused_adamw"]["same_as_uninterrupted"]
+    assert "| 6 compile |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_rng_check_fails_when_rank_entries_are_mixed_up(monkeypatch):
+    """The RNG check can fail: a set_rng_state that always restores rank 0's entry breaks 'rank 1 on device 0'."""
+    import lvm.train.checkpoint as ckpt
+
+    real = ckpt.set_rng_state
+    monkeypatch.setattr(ckpt, "set_rng_state", lambda state, rank=0: real(state, 0))
+    rep = gpu_check.Report()
+    gpu_check.step_fixes(rep, False, compile_backend="eager")
+    assert rep.failed == [f"6 resume: {rep.rows[0][1]}"], rep.rows
+    assert rep.rows[0][2] == "failed" and "rank 1's entry onto this device" in rep.rows[0][3]
+
+
+def test_a_compile_fallback_fails_its_row():
+    """--compile falling back to eager is a finding on a GPU: the row fails and carries the fallback line."""
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working compiler here")
+
+    rep = gpu_check.Report()
+    gpu_check.step_fixes(rep, False, compile_backend=broken)
+    assert rep.failed == [f"6 compile: {rep.rows[2][1]}"], rep.rows
+    assert rep.rows[2][2] == "failed" and rep.rows[2][3].startswith("fell back: --compile: torch.compile failed")
+    assert "no working compiler here" in rep.rows[2][3]
