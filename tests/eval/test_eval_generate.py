@@ -134,6 +134,31 @@ def test_generate_cli_writes_images_and_rejects_bad_prompts(trained, tmp_path):
     assert r.returncode != 0 and "error:" in r.stderr and "no model" in r.stderr
 
 
+def test_generate_unconditional_with_truth_reports_psnr(trained, tmp_path):
+    """--unconditional samples from [BOS] alone; --truth adds a grid column and generation.json with the PSNR of each
+    sample against the truth as the tokenizer reproduces it and as it is."""
+    import torch
+
+    from lvm.eval.generate import psnr
+
+    run, _ = trained
+    scene(0).save(tmp_path / "t.png")
+    r = cli("generate.py", "--checkpoint", run, "--unconditional", "--truth", tmp_path / "t.png", "--out", tmp_path / "u",
+            "--num-samples", "2", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "u" / "generation.json").read_text())
+    assert rep["prompt_images"] == 0 and len(rep["psnr_tokenized_truth_per_sample"]) == 2
+    assert abs(rep["psnr_tokenized_truth"] - sum(rep["psnr_tokenized_truth_per_sample"]) / 2) < 1e-9
+    assert 0 < rep["psnr_truth"] < 60 and 0 < rep["psnr_tokenizer"] < 60
+    # a row per sample: a bar, the sample, a bar, the truth (no prompt images)
+    assert Image.open(tmp_path / "u" / "grid.png").size == (2 * 256 + 1 * 8 + 2 * 3 * 8, 2 * 256 + 8)
+    assert psnr(torch.zeros(3, 4, 4), torch.full((3, 4, 4), 0.1)) == pytest.approx(20.0)
+    r = cli("generate.py", "--checkpoint", run, "--unconditional", "--truth", tmp_path / "t.png", tmp_path / "t.png",
+            "--out", tmp_path / "x")
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "--n-images" in errors[0], r.stderr[-2000:]
+
+
 def test_evaluate_refuses_shards_of_another_tokenizer(trained, train_shards, tmp_path):
     """Checked before any weights are read: another description, or the same description with other weights."""
     import shutil
