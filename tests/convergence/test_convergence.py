@@ -7,9 +7,9 @@ and held-out perplexity falls by more than half once a previous frame is in the 
 rest of a block is predictable). The negative control (the same
 frames shuffled across sentences) has nothing to learn from context and must not pass.
 
-Learning does not see every defect: packed sentences that attend to each other still learn the copy (a leak only
-spoils the first frame of a sentence during training). So the test also checks that the chain trains what it
-means to: a run started from the trained model (--init-from, learning rate ~0) logs, at each step, the loss of
+Learning need not see every defect: packed sentences that attend to each other can still learn the copy (a leak
+only spoils the first frame of a sentence during training; reasoned, not measured here). So the test also checks
+that the chain trains what it means to: a run started from the trained model (--init-from, learning rate ~0) logs, at each step, the loss of
 each sentence of its windows scored alone, from the windows the loader defines. The broken variants
 (tests/convergence/broken_pretrain.py) must each make the test fail.
 """
