@@ -40,11 +40,10 @@ shards: venv corpus
 	@if [ "$(TOKENIZER)" = "patch-kmeans" ]; then $(PY) data_prep/make_shards.py --fit-only $(SHARD_ARGS); fi
 	$(PY) data_prep/make_shards.py $(SHARD_ARGS) --tokenizer $(TOKENIZER)
 
-# make demo [CORPUS=folder with a manifest.jsonl]: shards go to data/shards for the embedded corpus, else to
-# data/shards-<corpus name> (or DEMO_SHARDS); exits 1 when the model did not learn (src/lvm/demo.py)
-DEMO_SHARDS ?= $(if $(filter data/demo_corpus,$(CORPUS)),$(SHARDS),data/shards-$(notdir $(abspath $(CORPUS))))
+# make demo [CORPUS=folder with a manifest.jsonl] [DEMO_SHARDS=dir]: src/lvm/demo.py picks the shard folder
+# (data/shards for the embedded corpus, else data/shards-<corpus name>); exits 1 when the model did not learn
 demo: venv
-	$(PY) -m lvm.demo --corpus $(CORPUS) --shards $(DEMO_SHARDS) --seed $(SEED)
+	$(PY) -m lvm.demo --corpus $(CORPUS) $(if $(DEMO_SHARDS),--shards $(DEMO_SHARDS)) --seed $(SEED)
 
 # a second video corpus for `make demo CORPUS=data/pan_corpus`: camera pans over scikit-image's photographs
 pan-corpus: venv
