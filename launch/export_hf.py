@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lvm.train.checkpoint import CheckpointError
+from lvm.artifacts import CheckpointError
 from lvm.train.export import export_hf
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one step_* tag folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or their latest file, or one step_* tag folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="saved weight dtype")
     a = p.parse_args(argv)

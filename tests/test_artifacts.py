@@ -135,3 +135,23 @@ def test_record_paths_and_comparison(made, tmp_path):
     assert rec.mismatch(vq, "the model's") == "kind patch-kmeans vs the model's vqgan"
     small = TokenizerRecord.from_info({**rec.to_info(), "tokens_per_image": 64})
     assert "tokens_per_image 256" in rec.mismatch(small)
+
+
+def test_locate_says_what_a_path_is_not(tmp_path):
+    """Paths that name no model: one line each, naming the flag. (Real runs and exports:
+    tests/train/test_pretrain_runs.py::test_export_matches_engine_logits.)"""
+    from lvm.artifacts import CheckpointError, locate
+
+    with pytest.raises(FileNotFoundError, match="--checkpoint .*nope does not exist"):
+        locate(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="--resume .*: no run folder, DeepSpeed checkpoint or Hugging Face model"):
+        locate(tmp_path, "--resume")
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "latest").write_text("step_00000007")  # a tag removed by hand
+    found = locate(tmp_path / "run")
+    assert (found.ckpt_dir, found.tag, found.run_dir) == (ckpts, None, None)
+    with pytest.raises(CheckpointError, match="latest names a missing tag"):
+        found.checkpoint()
+    with pytest.raises(CheckpointError, match="not a run folder of launch/pretrain.py"):
+        found.window()

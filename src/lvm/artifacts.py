@@ -26,6 +26,16 @@ import/export. Two records are the same tokenizer when
     one side only, or on neither (an older record whose folder is gone, a record made "by name only"), the
     comparison rests on the kind, the geometry and the description: a patch-kmeans description names its fit
     (seed, images, patches, final error), but two VQGANs of one architecture are told apart only by digest.
+
+A run and its models: `locate(path)` (an `Artifact`). Whatever path a user gives a CLI (`--checkpoint`,
+`--resume`) names one of
+  RUN/                                a run folder of launch/pretrain.py: model_config.json, tokenizer.json, ...
+  RUN/checkpoints/                    its DeepSpeed checkpoints (`latest` names the newest complete tag)
+  RUN/checkpoints/latest              that file
+  RUN/checkpoints/step_00000100/      one tag (or a file inside it)
+  HF/                                 an exported Hugging Face folder: config.json, weights, lvm_tokenizer.json
+and `locate` says which: the run folder, the checkpoint tag, the HF folder, the model's config and its tokenizer.
+It is the one place that knows this layout; nothing else walks folders looking for a model.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,4 +245,114 @@ class TokenizerRecord:
         return self.mismatch(other) is None
 
 
-__all__ = ["TokenizerRecord", "find_tokenizer_json", "relative_spec", "resolve_spec", "weights_digest", "weights_file"]
+# -- a run and its models
+
+RUN_CONFIG = "model_config.json"  # the model of a run folder (launch/pretrain.py)
+HF_CONFIG = "config.json"  # the model of a Hugging Face folder
+EXPORT_TOKENIZER = "lvm_tokenizer.json"  # the tokenizer.json of the run an HF folder was exported from
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # written by DeepSpeed once every rank finished saving a tag
+TAG_RE = re.compile(r"step_\d{8}")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag `ckpt_dir/latest` names, when that tag's folder is there."""
+    f = Path(ckpt_dir) / LATEST
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def is_hf_folder(p: Path) -> bool:
+    return (p / HF_CONFIG).is_file() and (any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file())
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a path names (`locate`): a run, one of its checkpoints, or an exported model."""
+
+    path: Path  # as given
+    flag: str  # the option it was given with, for messages
+    run_dir: Path | None = None  # a run folder with its model_config.json
+    ckpt_dir: Path | None = None  # DeepSpeed's save folder (RUN/checkpoints)
+    tag: str | None = None  # the checkpoint tag in it to load
+    hf_dir: Path | None = None  # an exported Hugging Face folder
+
+    @property
+    def config_file(self) -> Path | None:
+        """The model's config: config.json of an HF folder, model_config.json of the run."""
+        if self.hf_dir is not None:
+            return self.hf_dir / HF_CONFIG
+        return self.run_dir / RUN_CONFIG if self.run_dir is not None else None
+
+    def config(self) -> dict:
+        if self.config_file is None:
+            raise CheckpointError(f"{self.flag} {self.path}: no {RUN_CONFIG} beside the checkpoint: "
+                                  "not a run folder of launch/pretrain.py")
+        return json.loads(self.config_file.read_text())
+
+    def window(self) -> int:
+        """The model's context window, from its config alone (no weights are read)."""
+        return int(self.config()["max_position_embeddings"])
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """What made the tokens the model was trained on, where the model records it."""
+        f = self.hf_dir / EXPORT_TOKENIZER if self.hf_dir is not None else \
+            self.run_dir / TOKENIZER_JSON if self.run_dir is not None else None
+        return f if f is not None and f.is_file() else None
+
+    def tokenizer_info(self) -> dict | None:
+        """The tokenizer.json content (None when the model records no tokenizer)."""
+        return json.loads(self.tokenizer_file.read_text()) if self.tokenizer_file else None
+
+    def tokenizer(self) -> TokenizerRecord | None:
+        return TokenizerRecord.from_file(self.tokenizer_file) if self.tokenizer_file else None
+
+    def checkpoint(self) -> tuple[Path, str]:
+        """(DeepSpeed's save folder, tag); CheckpointError where the path names none."""
+        if self.tag is not None:
+            return self.ckpt_dir, self.tag
+        if self.hf_dir is not None:
+            why = "a Hugging Face model folder, not a DeepSpeed checkpoint (--init-from starts a run from one)"
+        elif self.ckpt_dir is not None and (self.ckpt_dir / LATEST).is_file():
+            why = f"{self.ckpt_dir / LATEST} names a missing tag"
+        else:
+            why = "no DeepSpeed checkpoint there"
+        raise CheckpointError(f"{self.flag} {self.path}: {why}")
+
+
+def _run_of(ckpt_dir: Path) -> Path | None:
+    return ckpt_dir.parent if (ckpt_dir.parent / RUN_CONFIG).is_file() else None
+
+
+def locate(path: str | Path, flag: str = "--checkpoint") -> Artifact:
+    """What `path` names (the module docstring lists the paths); `flag` names it in messages. FileNotFoundError
+    where it does not exist, CheckpointError where it is none of these. A run folder without a checkpoint yet
+    still has its config (`Artifact.checkpoint()` says there is none)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {p} does not exist")
+    if p.is_file() and p.name == LATEST:
+        return Artifact(p, flag, _run_of(p.parent), p.parent, latest_tag(p.parent))
+    if p.is_file() and TAG_RE.fullmatch(p.parent.name):  # a file inside a tag
+        p = p.parent
+    if p.is_dir() and is_hf_folder(p):
+        return Artifact(p, flag, hf_dir=p)
+    if p.is_dir() and TAG_RE.fullmatch(p.name):
+        return Artifact(p, flag, _run_of(p.parent), p.parent, p.name)
+    if p.is_dir() and (p / LATEST).is_file():
+        return Artifact(p, flag, _run_of(p), p, latest_tag(p))
+    if p.is_dir() and ((p / RUN_CONFIG).is_file() or (p / CHECKPOINTS).is_dir()):
+        run = p if (p / RUN_CONFIG).is_file() else None
+        return Artifact(p, flag, run, p / CHECKPOINTS, latest_tag(p / CHECKPOINTS))
+    raise CheckpointError(f"{flag} {p}: no run folder, DeepSpeed checkpoint or Hugging Face model there")
+
+
+__all__ = ["Artifact", "CheckpointError", "TokenizerRecord", "find_tokenizer_json", "latest_tag", "locate",
+           "relative_spec", "resolve_spec", "weights_digest", "weights_file"]

@@ -140,6 +140,23 @@ def test_sigusr1_saves_and_resume_continues(train_shards, tmp_path):
     assert "resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+def located_by_every_spelling(run, hf):
+    """`lvm.artifacts.locate` on a real run and its export: every path a user may give names the same things."""
+    from lvm.artifacts import CheckpointError, TokenizerRecord, locate
+
+    ckpts = run / "checkpoints"
+    for given in (run, ckpts, ckpts / "latest", ckpts / "step_00000003", ckpts / "step_00000003" / "run_state.json"):
+        found = locate(given)
+        assert (found.run_dir, found.ckpt_dir, found.tag, found.hf_dir) == (run, ckpts, "step_00000003", None), given
+        assert found.checkpoint() == (ckpts, "step_00000003") and found.window() == 256
+        assert found.tokenizer().compatible(TokenizerRecord.from_file(run / "tokenizer.json"))
+    exported = locate(hf)
+    assert (exported.hf_dir, exported.run_dir, exported.tag, exported.window()) == (hf, None, None, 256)
+    assert exported.tokenizer_info() == json.loads((run / "tokenizer.json").read_text())
+    with pytest.raises(CheckpointError, match="--resume .*Hugging Face model folder"):
+        locate(hf, "--resume").checkpoint()
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_matches_engine_logits(train_shards, tmp_path, stage):
     """The exported HF folder gives the logits of the DeepSpeed engine that wrote the checkpoint."""
@@ -170,6 +187,7 @@ with torch.no_grad():
     r = subprocess.run([sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)],
                        cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    located_by_every_spelling(run, hf)
     model = LlamaForCausalLM.from_pretrained(hf).eval()
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (8192, 8193, 8194)
     ids = torch.arange(40).view(2, 20) * 97 % 8192

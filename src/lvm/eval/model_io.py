@@ -10,29 +10,20 @@ other ranks build an empty model on their device and receive the weights by broa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from lvm.artifacts import locate
 
 
 class ModelLoadError(ValueError):
     pass
 
 
-def is_hf_folder(p: Path) -> bool:
-    has_weights = any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file()
-    return (p / "config.json").is_file() and has_weights
-
-
 def model_window(path: str | Path) -> int:
     """The model's context window from its config alone (no weights are read)."""
-    p = Path(path)
-    for cand in (p / "config.json", p / "model_config.json", p.parent / "model_config.json", p.parent.parent / "model_config.json",
-                 p.parent.parent.parent / "model_config.json"):
-        if cand.is_file():
-            return int(json.loads(cand.read_text())["max_position_embeddings"])
-    raise ModelLoadError(f"--checkpoint {p}: no model there (no config.json or model_config.json)")
+    return locate(path).window()
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -44,20 +35,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def model_tokenizer_info(path: str | Path) -> dict | None:
     """What made the tokens the model was trained on (tokenizer.json of its run, lvm_tokenizer.json of an
     export), read without loading any weights; None when the model does not record it."""
-    from lvm.train.export import find_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"--checkpoint {p} does not exist")
-    if is_hf_folder(p):
-        info_file = p / "lvm_tokenizer.json"
-    else:
-        try:
-            run_dir = find_checkpoint(p)[0]
-        except (FileNotFoundError, ValueError) as e:
-            raise ModelLoadError(f"--checkpoint {p}: no model there ({e})") from None
-        info_file = run_dir / "tokenizer.json"
-    return json.loads(info_file.read_text()) if info_file.is_file() else None
+    return locate(path).tokenizer_info()
 
 
 def tokenizer_mismatch(model_info: dict | None, shard_info: dict) -> str | None:
@@ -88,20 +66,17 @@ def _load_whole(p: Path):
     """(model on the host in fp32, tokenizer info or None)."""
     from transformers import LlamaForCausalLM
 
-    from lvm.train.checkpoint import CheckpointError
     from lvm.train.export import load_fp32_model
 
-    if is_hf_folder(p):
-        model = LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-        info_file = p / "lvm_tokenizer.json"
+    found = locate(p)
+    if found.hf_dir is not None:
+        model = LlamaForCausalLM.from_pretrained(str(found.hf_dir), dtype=torch.float32)
     else:
         try:
-            model, run_dir, _ = load_fp32_model(p)
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            model = load_fp32_model(found)
+        except (FileNotFoundError, ValueError) as e:
             raise ModelLoadError(f"--checkpoint {p}: no model there ({e})") from None
-        info_file = run_dir / "tokenizer.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else None
-    return model, info
+    return model, found.tokenizer_info()
 
 
 def load_model(path: str | Path, device: torch.device | None = None, attention: str = "auto"):
@@ -160,8 +135,4 @@ def load_model(path: str | Path, device: torch.device | None = None, attention: 
 
 def run_folder(path: str | Path) -> Path | None:
     """The training run folder behind a checkpoint path, if there is one (for TensorBoard)."""
-    p = Path(path).resolve()
-    for cand in (p, p.parent, p.parent.parent):
-        if (cand / "model_config.json").is_file() and (cand / "tensorboard").is_dir():
-            return cand
-    return None
+    return locate(path).run_dir

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -24,14 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvm.artifacts import TAG_RE, CheckpointError, latest_tag
+
 TAG_PREFIX = "step_"
-TAG_RE = re.compile(r"step_\d{8}")
 UNIVERSAL_SUFFIX = "_universal"
 RUN_STATE = "run_state.json"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def tag_for(step: int) -> str:
@@ -151,37 +147,6 @@ class SaveTimer:
 
     def saved(self) -> None:
         self.last = time.monotonic()
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    f = ckpt_dir / "latest"
-    if not f.is_file():
-        return None
-    tag = f.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
-
-
-def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
-    """(checkpoint folder, tag) to load, or None to start fresh."""
-    if resume == "none":
-        if latest_tag(ckpt_dir):
-            raise CheckpointError(f"{ckpt_dir} already holds checkpoints and --resume none was given: "
-                                  "use --resume auto to continue, or another --output")
-        return None
-    if resume == "auto":
-        tag = latest_tag(ckpt_dir)
-        return (ckpt_dir, tag) if tag else None
-    p = Path(resume)
-    if (p / "latest").is_file():          # a checkpoints folder
-        tag = latest_tag(p)
-        if tag is None:
-            raise CheckpointError(f"--resume {p}: 'latest' names a missing tag")
-        return p, tag
-    if (p / "checkpoints" / "latest").is_file():  # a run folder
-        return resolve_resume(str(p / "checkpoints"), p / "checkpoints")
-    if p.is_dir() and TAG_RE.fullmatch(p.name):  # one tag folder
-        return p.parent, p.name
-    raise CheckpointError(f"--resume {p}: no DeepSpeed checkpoint there")
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

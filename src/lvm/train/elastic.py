@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from lvm.artifacts import locate
 from lvm.train import checkpoint as ckpt
 from lvm.train.ds_config import ConfigError, resolve, zero_stage
 
@@ -58,10 +59,19 @@ class Resume:
 
 
 def find_resume(resume: str, ckpt_dir: Path) -> Resume | None:
-    found = ckpt.resolve_resume(resume, ckpt_dir)
-    if found is None:
+    """The checkpoint `--resume` names: auto (this run's newest, or none), none (a fresh start, refused where
+    this run already has checkpoints) or a path (`lvm.artifacts.locate`: a run, its checkpoints, a tag)."""
+    if resume == "none":
+        if ckpt.latest_tag(ckpt_dir):
+            raise ckpt.CheckpointError(f"{ckpt_dir} already holds checkpoints and --resume none was given: "
+                                       "use --resume auto to continue, or another --output")
         return None
-    return Resume(found[0], found[1], ckpt.read_run_state(found[0], found[1]))
+    if resume == "auto":
+        tag = ckpt.latest_tag(ckpt_dir)
+        found = (ckpt_dir, tag) if tag else None
+    else:
+        found = locate(resume, "--resume").checkpoint()
+    return Resume(found[0], found[1], ckpt.read_run_state(found[0], found[1])) if found else None
 
 
 def keep_global_batch(opts, given: set[str], resume: Resume | None) -> set[str]:

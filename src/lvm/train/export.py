@@ -7,28 +7,16 @@ from pathlib import Path
 
 import torch
 
-from lvm.train import checkpoint as ckpt
+from lvm.artifacts import EXPORT_TOKENIZER, Artifact, locate
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, Path, str]:
-    """(run folder, checkpoints folder, tag) from a run folder, a checkpoints folder or a tag folder."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--checkpoint {p} does not exist")
-    ckpt_dir, tag = ckpt.resolve_resume(str(p), p / "checkpoints" if (p / "checkpoints").is_dir() else p)
-    run_dir = ckpt_dir.parent
-    if not (run_dir / "model_config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no model_config.json: not a run folder of launch/pretrain.py")
-    return run_dir, ckpt_dir, tag
-
-
-def load_fp32_model(path: str | Path):
-    """A LlamaForCausalLM with the checkpoint's consolidated fp32 weights (CPU)."""
+def load_fp32_model(found: Artifact):
+    """A LlamaForCausalLM with the consolidated fp32 weights (CPU) of the checkpoint `found` names."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    run_dir, ckpt_dir, tag = find_checkpoint(path)
-    cfg = LlamaConfig.from_json_file(str(run_dir / "model_config.json"))
+    ckpt_dir, tag = found.checkpoint()
+    cfg = LlamaConfig.from_dict(found.config())
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -42,11 +30,13 @@ def load_fp32_model(path: str | Path):
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"checkpoint {ckpt_dir / tag} left tensors unset: {left[:5]}")
-    return model.float().eval(), run_dir, tag
+    return model.float().eval()
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    model, run_dir, tag = load_fp32_model(checkpoint)
+    """`checkpoint`: any path `lvm.artifacts.locate` knows that names a DeepSpeed checkpoint."""
+    found = locate(checkpoint)
+    model = load_fp32_model(found)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, dtype)).save_pretrained(str(out), safe_serialization=True)
@@ -54,7 +44,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.save_pretrained(str(out))
-    if (run_dir / "tokenizer.json").is_file():  # what made the tokens travels with the model
-        (out / "lvm_tokenizer.json").write_text((run_dir / "tokenizer.json").read_text())
-    (out / "lvm_export.json").write_text(json.dumps({"run": str(run_dir), "tag": tag}, indent=2))
+    if found.tokenizer_file:  # what made the tokens travels with the model
+        (out / EXPORT_TOKENIZER).write_text(found.tokenizer_file.read_text())
+    (out / "lvm_export.json").write_text(json.dumps({"run": str(found.run_dir), "tag": found.tag}, indent=2))
     return out
