@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from lvm.data.shards import ShardError, ShardSet, read_in_threads
-from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
+from lvm.model.vocab import BOS_ID, IGNORE_INDEX, PAD_ID, frame
 
 PACKING_MODES = ("concat", "sentence")
 BLOCK_SENTENCES = 8192        # concat: sentences shuffled together inside a shard
@@ -481,12 +481,4 @@ class SourceWindows:
 
 def _fill(out: np.ndarray, at: int, shard, a0: int, a1: int, begin: int, take: int) -> None:
     """out[at:at+take] = tokens [begin, begin+take) of the sentence stream [BOS] values[a0:a1] [EOS]."""
-    m = a1 - a0
-    end = begin + take
-    if begin == 0:
-        out[at] = BOS_ID
-    lo, hi = max(begin, 1), min(end, m + 1)
-    if hi > lo:
-        out[at + lo - begin : at + hi - begin] = shard.read(a0 + lo - 1, a0 + hi - 1)
-    if end == m + 2:
-        out[at + take - 1] = EOS_ID
+    frame(lambda lo, hi: shard.read(a0 + lo, a0 + hi), begin, begin + take, n=a1 - a0, out=out[at : at + take])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, TOKENS_PER_IMAGE
+from lvm.model.vocab import CODEBOOK_SIZE, TOKENS_PER_IMAGE, frame
 
 
 class PromptError(ValueError):
@@ -69,7 +69,8 @@ def fit_prompt(prompt_codes: torch.Tensor, window: int, n_new: int) -> tuple[tor
 def sample_codes(model, prompt_codes: torch.Tensor, s: Sampling) -> torch.Tensor:
     """prompt codes [k, 256] -> generated codes [num_samples, n_images, 256]."""
     device = next(model.parameters()).device
-    ids = torch.cat([torch.tensor([BOS_ID]), prompt_codes.reshape(-1).long()])[None].to(device)
+    codes = prompt_codes.reshape(-1).long().numpy()
+    ids = torch.from_numpy(frame(codes, end=len(codes) + 1))[None].to(device)  # [BOS] codes: the sentence goes on
     n_new = s.n_images * TOKENS_PER_IMAGE
     greedy = s.temperature <= 0
     torch.manual_seed(s.seed)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lvm.data.shards import KINDS, ShardSet
-from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, TOKENS_PER_IMAGE
+from lvm.model.vocab import IGNORE_INDEX, PAD_ID, TOKENS_PER_IMAGE, frame
 
 SEQUENTIAL_KINDS = ("video", "sequence")
 
@@ -64,7 +64,7 @@ class Sums:
 
 def sentence_ids(table: ShardSet, i: int, window: int) -> np.ndarray:
     """The first window + 1 tokens of `[BOS] tokens [EOS]`: `window` inputs and the target after each."""
-    return np.concatenate([[BOS_ID], table.sentence(i).astype(np.int64), [EOS_ID]])[: window + 1]
+    return frame(table.sentence(i), end=window + 1)
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def score(model, table: ShardSet, window: int, batch_size: int = 4, rank: int = 
     for b in range(0, n_batches * batch_size, batch_size):
         idx = mine[b : b + batch_size]
         if not idx:
-            token_losses(model, [np.array([BOS_ID, EOS_ID])], device)
+            token_losses(model, [frame(np.zeros(0, np.int64))], device)
             continue
         seqs = [sentence_ids(table, i, window) for i in idx]
         for i, s, nll in zip(idx, seqs, token_losses(model, seqs, device), strict=True):
