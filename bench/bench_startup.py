@@ -7,7 +7,7 @@ its peak resident memory (VmHWM from /proc/self/status) above what the process h
 and buffers the rank must hold. Cases:
 - `eager (before)`: what `build_model` did before it built on the meta device: the whole fp32 model
   created and randomly initialised on the host (DeepSpeed then casts it to the compute dtype);
-- `meta`: `lvm.train.trainer.build_model` now: built on the meta device, materialised once in the
+- `meta`: `lvm.train.engine.build_model` now: built on the meta device, materialised once in the
   compute dtype and initialised there;
 - `init-from ...`: the same followed by `lvm.train.init_from.load_weights` of a saved HF folder (bf16
   safetensors, as LVM's released weights), the model left uninitialised until the folder fills it.
@@ -57,7 +57,7 @@ def worker(case: str, model: str, dtype_name: str, folder: str | None) -> dict:
 
     from lvm.model.presets import llama_config
     from lvm.train import init_from
-    from lvm.train.trainer import build_model
+    from lvm.train.engine import build_model
 
     dtype = getattr(torch, DTYPES[dtype_name])
     cfg = init_from.read_config(folder, 256) if folder else llama_config(model, 256)
@@ -108,7 +108,7 @@ def save_folder(model: str, out: Path) -> None:
     import torch
 
     from lvm.model.presets import llama_config
-    from lvm.train.trainer import build_model
+    from lvm.train.engine import build_model
 
     torch.manual_seed(1)
     m, _ = build_model(llama_config(model, 256), {"zero_optimization": {"stage": 2}}, False, device="cpu", dtype=torch.bfloat16)

@@ -21,8 +21,8 @@ from lvm.data.mixture import DistributedLoader  # noqa: E402
 from lvm.data.packing import SourceWindows, causal_lm_loss  # noqa: E402
 from lvm.data.shards import open_shards, write_shard  # noqa: E402
 from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config  # noqa: E402
+from lvm.train.engine import build_model, param_groups  # noqa: E402
 from lvm.train.metrics import device_peak_flops  # noqa: E402
-from lvm.train.trainer import build_model, param_groups  # noqa: E402
 
 
 def make_table(tmp: Path, n: int = 400):

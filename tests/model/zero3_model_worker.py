@@ -8,7 +8,7 @@ import torch
 
 from lvm.model.kernels import fused_loss_unavailable, zero3_partitioned
 from lvm.model.presets import llama_config
-from lvm.train.trainer import build_model
+from lvm.train.engine import build_model
 
 deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 cfg = llama_config("tiny", 64)

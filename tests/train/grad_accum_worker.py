@@ -9,8 +9,8 @@ import torch
 
 from lvm.model.presets import llama_config
 from lvm.train.ds_config import resolve
+from lvm.train.engine import build_model, param_groups
 from lvm.train.options import RunOptions
-from lvm.train.trainer import build_model, param_groups
 
 
 def accum_dtype(engine) -> str:

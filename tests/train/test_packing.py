@@ -13,7 +13,7 @@ from lvm.eval.perplexity import sentence_ids, token_losses
 from lvm.model.attention import packed_attention_kwargs
 from lvm.model.presets import llama_config
 from lvm.model.vocab import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
-from lvm.train.trainer import window_nll
+from lvm.train.metrics import window_nll
 
 
 def write_source(folder, n_images_per_shard, seed=0, kind="video"):

@@ -46,7 +46,7 @@ def test_logged_loss_is_cross_entropy_over_every_position(train_shards, tmp_path
 
     from lvm.data.mixture import DistributedLoader
     from lvm.train.data_setup import build_windows, open_data
-    from lvm.train.trainer import build_model
+    from lvm.train.engine import build_model
 
     run = tmp_path / "one"
     run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "3", "--save-every", "100"))
@@ -169,7 +169,7 @@ def test_export_matches_engine_logits(train_shards, tmp_path, stage):
     code = f"""
 import os, torch, deepspeed, json
 os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='{29700 + stage}')
-from lvm.train.trainer import build_model, param_groups
+from lvm.train.engine import build_model, param_groups
 from transformers import LlamaConfig
 deepspeed.init_distributed(dist_backend='gloo')
 ds = json.load(open('{run}/ds_config.json'))

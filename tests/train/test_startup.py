@@ -12,7 +12,7 @@ import torch
 
 from lvm.model.presets import llama_config
 from lvm.train import init_from
-from lvm.train.trainer import build_model
+from lvm.train.engine import build_model
 from tests.train.conftest import ENV, REPO
 
 ZERO2 = {"zero_optimization": {"stage": 2}}

@@ -29,9 +29,9 @@ def build(stage: int, fused: bool, universal: bool):
 
     from lvm.model.presets import llama_config
     from lvm.train.ds_config import resolve
+    from lvm.train.engine import param_groups
     from lvm.train.optimizers import make_optimizer
     from lvm.train.options import RunOptions
-    from lvm.train.trainer import param_groups
 
     torch.manual_seed(0)
     opts = RunOptions(model="tiny", seq_len=64, micro_batch=2, lr=1e-3, precision="fp32")

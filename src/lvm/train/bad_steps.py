@@ -54,3 +54,28 @@ def classify(bad_loss: bool, applied: bool, precision: str) -> str | None:
     if applied:
         return None
     return "overflow" if precision == "fp16" else "grad"
+
+
+class BadSteps:
+    """The gate on the run's optimizer, and the accounting after each step: a skipped update is counted in the
+    run's state and logged; `max_in_row` of them in a row stop the run."""
+
+    def __init__(self, optimizer, max_in_row: int, precision: str, log):
+        self.gate = UpdateGate(optimizer)
+        self.max_in_row, self.precision, self.log = max_in_row, precision, log
+        self.in_row = 0
+
+    def after_step(self, state, bad_loss: bool, applied: bool) -> None:
+        """`state`: the run's `TrainState` (its step already advanced); `applied`: engine.was_step_applied()."""
+        why = classify(bad_loss, applied, self.precision)  # DeepSpeed itself skips (and clears) a non-finite norm
+        if why == "overflow":
+            self.log.console(f"step {state.step}: fp16 loss scale overflow, update skipped (loss scale lowered)")
+        if why not in ("loss", "grad"):
+            self.in_row = 0
+            return
+        state.skipped_steps += 1
+        self.in_row += 1
+        self.log.console(f"step {state.step}: non-finite {why}, update skipped ({self.in_row} in a row)")
+        if self.in_row >= self.max_in_row:
+            raise SystemExit(f"error: {self.in_row} consecutive steps had a non-finite loss or gradient norm: lower --lr, "
+                             "check the data and model config, or resume from an earlier checkpoint")

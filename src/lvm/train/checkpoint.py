@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,20 +132,6 @@ def read_run_state(ckpt_dir: Path, tag: str) -> dict:
         return json.loads(f.read_text())
     parts = list((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt"))
     return {"world_size": len(parts) or None}
-
-
-class SaveTimer:
-    """`--save-every-minutes`: due when that much wall time passed since the last save (or the start)."""
-
-    def __init__(self, minutes: float | None):
-        self.seconds = minutes * 60 if minutes else None
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        return self.seconds is not None and time.monotonic() - self.last >= self.seconds
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

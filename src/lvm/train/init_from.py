@@ -11,7 +11,7 @@ BOS/EOS/PAD (`lvm.model.vocab`), which lie inside its vocabulary. A vocabulary w
 before any compute, with one line; only tensor headers are read for that check.
 
 Loading streams one tensor at a time. Under ZeRO-1/2 the model is built on the meta device and
-materialised uninitialised on the rank's device in the compute dtype (`lvm.train.trainer.build_model`);
+materialised uninitialised on the rank's device in the compute dtype (`lvm.train.engine.build_model`);
 each tensor of a safetensors file is then read with plain file reads straight into its parameter (or,
 when the dtype or device differs, into one temporary of that tensor's size), never through a memory map
 (whose pages would stay resident in every rank until the file is closed: a whole file per rank). Under

@@ -11,6 +11,7 @@ Validation and checkpoint time is left out of the window it falls in (`Throughpu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lvm.model.vocab import IGNORE_INDEX
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s per GPU, from NVIDIA's datasheets, matched against
 # torch.cuda.get_device_name() in this order (the specific names first: "H100 NVL" before "H100").
@@ -146,6 +151,92 @@ class Throughput:
         if peak_flops:
             out["mfu"] = self.flops / dt / (peak_flops * world_size)
         return out
+
+
+@torch.no_grad()
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL sum and target count of each window (float64), one window at a time (bounded memory).
+
+    `targets` are already shifted (`lvm.data.packing.Batch.targets`): logits[b, t] is scored against
+    targets[b, t], every position, as the model's own loss does with `shift_labels`."""
+    sums, counts = [], []
+    for b in range(logits.shape[0]):
+        target = targets[b]
+        sums.append(F.cross_entropy(logits[b].float(), target, ignore_index=IGNORE_INDEX, reduction="sum"))
+        counts.append((target != IGNORE_INDEX).sum())
+    return torch.stack(sums).double(), torch.stack(counts).double()
+
+
+class TrainMetrics:
+    """The training numbers of a logging window: losses summed on the device (per source for a mixture: one
+    extra cross-entropy per window), the work (tokens, window tokens, FLOPs) on the host; at each logging step
+    one all-reduce, one metrics row and one console line. The host never waits for a loss between them."""
+
+    def __init__(self, names: list[str], cfg, device, world_size: int, precision: str, max_steps: int, log):
+        self.names, self.cfg, self.device, self.world_size, self.max_steps, self.log = names, cfg, device, world_size, max_steps, log
+        self.peak = device_peak_flops(precision, device)
+        # this rank's work; summed over the ranks at each log step (PAD is no work)
+        self.throughput = Throughput(torch.cuda.synchronize if torch.cuda.is_available() else None)
+        zeros = functools.partial(torch.zeros, dtype=torch.float64, device=device)
+        self.loss, self.n = zeros(()), zeros(())
+        self.src_nll, self.src_n = zeros(len(names)), zeros(len(names))
+        self.work = [0.0, 0.0, 0.0]  # this rank's tokens, window tokens and model FLOPs since the last log
+
+    def paused(self):
+        """Validation and checkpoints: not training time."""
+        return self.throughput.paused()
+
+    def add_batch(self, b, pad_id: int) -> None:
+        # the seq_len input positions of each window (a concat window's extra token is only a target)
+        tokens, sum_sq = window_work(b.input_ids, b.position_ids, pad_id)
+        self.work = [self.work[0] + tokens, self.work[1] + b.input_ids.numel(), self.work[2] + window_flops(self.cfg, tokens, sum_sq)]
+
+    def add_loss(self, loss: torch.Tensor, ok: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, sources) -> None:
+        """A micro-batch's mean loss (counted where finite, `ok`) and, for a mixture, each window's NLL by source."""
+        self.loss += torch.where(ok, loss.detach().double(), 0.0)
+        self.n += ok
+        if len(self.names) > 1:
+            nll, cnt = window_nll(logits.detach(), targets)
+            src = sources.to(self.device)
+            self.src_nll.index_add_(0, src, torch.where(ok, nll, 0.0))
+            self.src_n.index_add_(0, src, torch.where(ok, cnt, 0.0))
+
+    def log_step(self, step: int, lr: float, grad_norm, skipped_steps: int, loader) -> None:
+        names = self.names
+        sums = torch.cat([torch.stack([self.loss, self.n]), self.src_nll, self.src_n,
+                          torch.tensor(self.work, dtype=torch.float64, device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        total, count, *rest = sums.tolist()
+        self.throughput.add(*rest[-3:])
+        rest = rest[:-3]
+        rate = self.throughput.read(self.peak, self.world_size)
+        tps = rate["tokens_per_s"]
+        loss_mean = total / count if count else None
+        if len(names) > 1:
+            by_source = {f"loss/{k}": a / c for k, a, c in zip(names, rest[: len(names)], rest[len(names) :], strict=True) if c}
+        else:
+            by_source = {f"loss/{names[0]}": loss_mean} if loss_mean is not None else {}
+        epochs = loader.epochs_by_source()
+        m = {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
+             "window_tokens_per_s": rate["window_tokens_per_s"], "tflops_per_s": rate["tflops_per_s"], "mfu": rate["mfu"],
+             "memory_gib": device_memory_gib(), "memory_reserved_gib": device_reserved_gib(), "skipped_steps": skipped_steps,
+             **({"epoch": loader.epoch} if len(names) == 1 else {f"epoch/{k}": v for k, v in epochs.items()}),
+             **by_source, "tokens_by_source": loader.tokens_by_source()}
+        self.log.log(step, {k: v for k, v in m.items() if v is not None})
+        mfu = f" mfu {m['mfu']:.1%}" if m["mfu"] is not None else ""
+        mem = f" mem {m['memory_gib']:.1f}GiB" if m["memory_gib"] is not None else ""
+        shown = f"{loss_mean:.4f}" if loss_mean is not None else "n/a"
+        if len(names) == 1:
+            ep = f" epoch {loader.epoch:.2f}"
+        else:
+            ep = " | " + " ".join(f"{k} loss {m.get(f'loss/{k}', float('nan')):.4f} epoch {e:.2f}" for k, e in epochs.items())
+        self.log.console(f"step {step}/{self.max_steps} loss {shown} lr {m['lr']:.2e} gnorm {m['grad_norm'] or 0:.3f} "
+                         f"{tps:,.0f} tok/s{mfu}{mem}{ep}")
+        for t in (self.loss, self.n, self.src_nll, self.src_n):
+            t.zero_()
+        self.work = [0.0, 0.0, 0.0]
+        self.throughput.reset()
 
 
 class MetricsLogger:

@@ -37,3 +37,26 @@ def evaluate(model, sets: list[tuple[str, ShardSet]] | ShardSet, seq_len: int, b
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(total.n["all"]),
             "perplexity_by_kind": {k.split("/", 1)[1]: total.ppl(k) for k in sorted(total.n) if k.startswith("kind/")},
             "loss_by_source": by_source}
+
+
+class Validator:
+    """Validation during training, every --eval-every steps and at the end: one metrics row and one console line;
+    nothing where the run has no validation data or --eval-every is 0."""
+
+    def __init__(self, val_sets: list[tuple[str, ShardSet]], opts, rank: int, world: int, log):
+        self.val_sets, self.opts, self.rank, self.world, self.log = val_sets, opts, rank, world, log
+
+    def due(self, step: int) -> bool:
+        return bool(self.opts.eval_every) and step % self.opts.eval_every == 0 and step < self.opts.max_steps
+
+    def __call__(self, model, step: int) -> None:
+        if not self.val_sets or self.opts.eval_every == 0:
+            return
+        o = self.opts
+        r = evaluate(model, self.val_sets, o.seq_len, o.micro_batch, self.rank, self.world, o.eval_max_sentences)
+        flat = {"loss": r["loss"], "perplexity": r["perplexity"], **{f"perplexity/{k}": v for k, v in r["perplexity_by_kind"].items()},
+                **{f"loss/{k}": v for k, v in r["loss_by_source"].items()}}
+        self.log.log(step, flat, prefix="val")
+        kinds = " ".join(f"{k} {v:.1f}" for k, v in r["perplexity_by_kind"].items())
+        per_source = " | " + " ".join(f"{k} {v:.4f}" for k, v in r["loss_by_source"].items()) if len(self.val_sets) > 1 else ""
+        self.log.console(f"step {step} val loss {r['loss']:.4f} ppl {r['perplexity']:.2f} | {kinds}{per_source}")
