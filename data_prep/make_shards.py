@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--index-only", action="store_true", help="only write index.json/report.json (after all ranks)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--store", action="store_true",
+                   help="write an image-level token store of records (images, pairs; lvm.data.store) for data_prep/compose.py")
+    p.add_argument("--hole-ratio", type=float, default=0.3,
+                   help="--store: share of inpainting inputs with one square hole (the others: 32-px patches masked)")
     return p.parse_args(argv)
 
 
@@ -59,6 +63,10 @@ def main(argv=None) -> int:
                       resize=a.resize, seed=a.seed, fit_images=a.fit_images,
                       rank=rank if a.rank is None else a.rank, world_size=world if a.world_size is None else a.world_size,
                       index_only=a.index_only, fit_only=a.fit_only, device=a.device, progress=not a.no_progress)
+    if a.store:
+        from lvm.data.store import run_store
+
+        return run_store(cfg, a.hole_ratio, a.overwrite)
     try:
         summary = build_shards(cfg, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError) as e:
