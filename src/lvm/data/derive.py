@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lvm.tokenizer.preprocess import SourceError, open_image, prepare_image
+from lvm.tokenizer.preprocess import SourceError, open_image, prepare_image, resize_to_square
 
 DERIVED = ("colorization", "inpainting")
 LABEL_MAPS = ("segmentation", "depth", "normals")
@@ -178,8 +178,8 @@ def normals_image(normals: np.ndarray) -> Image.Image:
 def label_frame(path: str, mode: str, palette: np.ndarray | None, resize: str = "squash") -> np.ndarray:
     """A label map file -> the preprocessed colour frame (uint8 [256, 256, 3]); SourceError on a bad file."""
     arr = _read_map(path)
-    if mode == "segmentation":
-        img = segmentation_image(arr, palette)
+    if mode == "segmentation":  # resized while indexed (nearest neighbour), then made RGB
+        img = resize_to_square(segmentation_image(arr, palette), resize=resize)
     elif mode == "depth":
         img = depth_image(arr)
     elif mode == "normals":
