@@ -4,12 +4,20 @@
     python launch/generate.py --checkpoint runs/demo --prompt f0.png f1.png f2.png --out gen/   # next frame
     python launch/generate.py --checkpoint runs/demo --prompt a.png a_edges.png b.png --out gen/  # analogy A A' B -> B'
     python launch/generate.py --checkpoint runs/demo --unconditional --truth f3.png --out gen0/      # no prompt
+    python launch/generate.py --checkpoint runs/demo --prompts gen.jsonl --candidates 4 --out gen/  # LVM's file
 
-Prompt images are tokenized with the tokenizer recorded beside the training shards (or --tokenizer).
+Prompt images are tokenized with the tokenizer the model was trained with (recorded with the run, or --tokenizer).
 With --truth (the true next image(s)), the grid gets a truth column and OUT/generation.json holds the PSNR of
 each generated image against the truth as the tokenizer reproduces it (encoded and decoded: the best any model
 of these tokens can do) and against the truth's own pixels.
 Writes OUT/generated_<i>.png per generated image and OUT/grid.png (prompt | generation, a row per sample).
+
+With --prompts F.jsonl (LVM's generation file: per line {"input": [image paths], "output": path}), each line's
+candidates go to its `output` (relative to OUT): LVM's layout, a row per candidate and the --n-images new images
+side by side, and with several candidates each row also as <stem>_<c><suffix>. OUT/generated.jsonl holds one
+result per line of F, in order (the written paths, or the reason the line was skipped). Relative input paths
+start from --base (default: F's folder). A bad line is reported by its number and skipped; the exit status is 1
+only when no line could be generated. See lvm/eval/prompts.py.
 """
 
 from __future__ import annotations
@@ -23,6 +31,44 @@ import numpy as np
 import torch
 
 
+def prompts_main(a) -> int:
+    from tqdm import tqdm
+
+    from lvm.eval.generate import PromptError, Sampling, prompt_room
+    from lvm.eval.model_io import ModelLoadError, load_model, model_window
+    from lvm.eval.prompts import ImageCodes, generate_prompts, read_prompts, tokenizer_for, write_results
+
+    try:
+        if a.n_images < 1 or a.num_samples < 1 or a.batch_size < 1:
+            raise PromptError("--n-images, --candidates and --batch-size must be >= 1")
+        if a.truth:
+            raise PromptError("--truth goes with --prompt or --unconditional, not --prompts")
+        lines = read_prompts(a.prompts, "generate", a.base, a.out)
+        prompt_room(model_window(a.checkpoint), a.n_images)  # checked before any weights are read
+        tok, resize = tokenizer_for(a.checkpoint, a.tokenizer)
+        model, _ = load_model(a.checkpoint)
+    except (PromptError, ModelLoadError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    images = ImageCodes(tok, resize)
+
+    def report(b):
+        tqdm.write(f"error: {a.prompts} line {b.number}: {b.reason} (skipped)", file=sys.stderr)
+
+    s = Sampling(a.n_images, a.temperature, a.top_k or None, a.top_p, a.seed, a.num_samples, not a.no_cache)
+    results = generate_prompts(model, images, lines, model.config.max_position_embeddings, s, a.batch_size, report)
+    images.close()
+    out = Path(a.out) / "generated.jsonl"
+    write_results(results, out)
+    done = sum("error" not in r for r in results)
+    if not done:
+        print(f"error: no line of {a.prompts} could be generated ({len(results)} skipped); see {out}", file=sys.stderr)
+        return 1
+    print(f"generated {a.num_samples} candidate(s) of {a.n_images} image(s) for {done} line(s), "
+          f"{len(results) - done} skipped; wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed checkpoint folder/tag, or exported HF folder")
@@ -30,15 +76,20 @@ def main(argv=None) -> int:
     g.add_argument("--prompt", nargs="+", help="prompt image files, in order")
     g.add_argument("--prompt-file", help="JSON list of prompt image paths (for long prompts)")
     g.add_argument("--unconditional", action="store_true", help="no prompt: generate from [BOS] alone")
+    g.add_argument("--prompts", help='LVM\'s generation file: JSONL lines {"input": [paths], "output": path}')
+    p.add_argument("--base", default=None, help="with --prompts: the folder relative input paths start from "
+                                                "(default: the JSONL file's folder)")
+    p.add_argument("--batch-size", type=int, default=4, help="with --prompts: lines sampled together")
     p.add_argument("--truth", nargs="+", default=None, help="the true next image(s), one per --n-images: PSNR and a grid column")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (with --prompts: where relative output paths start)")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one that made the training shards)")
     p.add_argument("--n-images", type=int, default=1, help="images to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=100, help="0 disables")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", "--candidates", dest="num_samples", type=int, default=1,
+                   help="samples (candidates) per prompt")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (slow; for checks)")
     a = p.parse_args(argv)
 
@@ -56,9 +107,11 @@ def main(argv=None) -> int:
     def write_json(path, obj):
         atomic_write_text(path, json.dumps(obj, indent=2))
     from lvm.eval.model_io import ModelLoadError, load_model, model_window
-    from lvm.tokenizer import load_tokenizer
+    from lvm.eval.prompts import tokenizer_for
     from lvm.tokenizer.preprocess import SourceError, load_image, to_pixels
 
+    if a.prompts:
+        return prompts_main(a)
     try:
         if a.n_images < 1 or a.num_samples < 1:
             raise PromptError("--n-images and --num-samples must be >= 1")
@@ -84,11 +137,8 @@ def main(argv=None) -> int:
         if truth and len(truth) != a.n_images:
             raise PromptError(f"--truth gives {len(truth)} image(s) for --n-images {a.n_images}")
         prompt_room(model_window(a.checkpoint), a.n_images)  # checked before any weights are read
-        model, info = load_model(a.checkpoint)
-        spec = a.tokenizer or (info or {}).get("spec_resolved") or (info or {}).get("spec")
-        if not spec:
-            raise PromptError("no tokenizer recorded with this model: pass --tokenizer")
-        tok = load_tokenizer(spec)
+        tok, _ = tokenizer_for(a.checkpoint, a.tokenizer)
+        model, _ = load_model(a.checkpoint)
         codes = tok.encode(to_pixels(np.stack(frames))) if frames else torch.zeros(0, tok.tokens_per_image, dtype=torch.long)
         codes, dropped = fit_prompt(codes, model.config.max_position_embeddings, a.n_images)
     except (PromptError, ModelLoadError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:

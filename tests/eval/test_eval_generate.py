@@ -16,22 +16,8 @@ from lvm.data.shards import load_sentences
 from lvm.eval.generate import PromptError, Sampling, fit_prompt, sample_codes
 from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from tests.conftest import REPO, scene
-from tests.train.conftest import ENV, base_args, run_train
-
-
-@pytest.fixture(scope="module")
-def trained(train_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("evalrun") / "run"
-    run_train(1, base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json", "--max-steps", "4",
-                           "--save-every", "4", "--seq-len", "2048"))
-    hf = run.parent / "hf"
-    subprocess.run([sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)], check=True,
-                   cwd=REPO, env=ENV, capture_output=True)
-    return run, hf
-
-
-def cli(script, *args):
-    return subprocess.run([sys.executable, f"launch/{script}", *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True)
+from tests.eval.conftest import cli
+from tests.train.conftest import ENV
 
 
 def test_perplexity_is_exp_mean_nll(trained, train_shards, tmp_path):

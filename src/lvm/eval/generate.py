@@ -68,9 +68,18 @@ def fit_prompt(prompt_codes: torch.Tensor, window: int, n_new: int) -> tuple[tor
 @torch.no_grad()
 def sample_codes(model, prompt_codes: torch.Tensor, s: Sampling) -> torch.Tensor:
     """prompt codes [k, 256] -> generated codes [num_samples, n_images, 256]."""
+    return sample_batch(model, prompt_codes[None], s)[0]
+
+
+@torch.no_grad()
+def sample_batch(model, prompts: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """prompts [B, k, 256] (k prompt images each) -> generated codes [B, num_samples, n_images, 256], in one
+    `generate` call (its rows are grouped by prompt). The seed is set once per call, so a prompt's samples
+    depend on the prompts batched with it."""
     device = next(model.parameters()).device
-    codes = prompt_codes.reshape(-1).long().numpy()
-    ids = torch.from_numpy(frame(codes, end=len(codes) + 1))[None].to(device)  # [BOS] codes: the sentence goes on
+    flat = prompts.reshape(len(prompts), -1).long().numpy()
+    # [BOS] codes: a sentence that goes on
+    ids = torch.from_numpy(np.stack([frame(c, end=len(c) + 1) for c in flat])).to(device)
     n_new = s.n_images * TOKENS_PER_IMAGE
     greedy = s.temperature <= 0
     torch.manual_seed(s.seed)
@@ -84,7 +93,7 @@ def sample_codes(model, prompt_codes: torch.Tensor, s: Sampling) -> torch.Tensor
         kwargs.update(temperature=None, top_k=None, top_p=None)
     out = model.generate(ids, **kwargs)
     new = out[:, ids.shape[1] :].cpu()
-    return new.view(s.num_samples, s.n_images, TOKENS_PER_IMAGE)
+    return new.view(len(prompts), s.num_samples, s.n_images, TOKENS_PER_IMAGE)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
