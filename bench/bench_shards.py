@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, timed  # noqa: E402
 
-from lvm.data.build import BuildConfig, build_shards  # noqa: E402
+from lvm.data.offline.config import BuildConfig  # noqa: E402
+from lvm.data.offline.pipeline import build_shards  # noqa: E402
 from lvm.data.synth import CorpusSize, make_corpus  # noqa: E402
 from lvm.tokenizer.patch_kmeans import PatchKMeansTokenizer, features_to_pixels, patch_features  # noqa: E402
 from lvm.tokenizer.preprocess import load_image, prepare_image, to_pixels  # noqa: E402

@@ -68,7 +68,8 @@ def write_webdataset(folder: Path, n_tars: int, per_tar: int, seed: int = 0) -> 
 
 RUN = r"""
 import json, resource, sys, time
-from lvm.data.build import BuildConfig, build_shards
+from lvm.data.offline.config import BuildConfig
+from lvm.data.offline.pipeline import build_shards
 cfg = BuildConfig(**json.loads(sys.argv[1]))
 t = time.perf_counter()
 s = build_shards(cfg)
@@ -89,15 +90,15 @@ def decode_alone(tars: list[Path], workers: int) -> float:
     """images/s of the decode stage alone: the same tasks the build sends to its workers."""
     import multiprocessing as mp
 
-    from lvm.data.build import SAMPLES_PER_TASK, _decode_samples, _task_batches, ordered_map
-    from lvm.data.webdataset import iter_samples
+    from lvm.data.offline.decode import SAMPLES_PER_TASK, decode_samples, ordered_map, task_batches
+    from lvm.data.offline.sources.webdataset import iter_samples
 
     pool = mp.get_context("forkserver").Pool(workers) if workers else None
     try:
         t, n = time.perf_counter(), 0
         for tar in tars:
-            tasks = ((g, "squash") for g in _task_batches(iter_samples(str(tar)), SAMPLES_PER_TASK))
-            for group in ordered_map(pool, _decode_samples, tasks, 2 * max(workers, 1) + 2):
+            tasks = ((g, "squash") for g in task_batches(iter_samples(str(tar)), SAMPLES_PER_TASK))
+            for group in ordered_map(pool, decode_samples, tasks, 2 * max(workers, 1) + 2):
                 n += sum(1 for x in group if isinstance(x, tuple))
         return n / (time.perf_counter() - t)
     finally:
@@ -109,7 +110,7 @@ def decode_alone(tars: list[Path], workers: int) -> float:
 def encode_alone(tok, frames: np.ndarray, batch: int) -> float:
     import torch
 
-    from lvm.data.build import Encoder
+    from lvm.data.offline.encode import Encoder
 
     enc = Encoder(tok, torch.device("cpu"), batch)
     enc(frames[:batch])
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--tars", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
-    from lvm.data.webdataset import iter_samples
+    from lvm.data.offline.sources.webdataset import iter_samples
     from lvm.tokenizer.patch_kmeans import PatchKMeansTokenizer
     from lvm.tokenizer.preprocess import load_image
 

@@ -223,7 +223,7 @@ def _write_videos(job: tuple) -> int:
 
 def video_corpus(root: Path, n: int, workers: int, seed: int = 0, frames: int = 16) -> Path:
     """n synthetic videos (moving, rotating shapes on textured backgrounds: `lvm.data.synth`), and their manifest."""
-    from lvm.data.manifest import manifest_from_tree, write_manifest
+    from lvm.data.offline.sources.manifest import manifest_from_tree, write_manifest
 
     (root / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), list(range(k, n, workers)), seed, frames) for k in range(workers)]
@@ -757,8 +757,8 @@ def prompt_frames(shards: Path, manifest: Path, folder: Path, n: int) -> list[Pa
     """The first n frames of the first held-out video, as PNG files."""
     from PIL import Image
 
-    from lvm.data.decode import decode_sentence
-    from lvm.data.manifest import read_manifest
+    from lvm.data.offline.decode import decode_sentence
+    from lvm.data.offline.sources.manifest import read_manifest
     from lvm.data.shards import load_sentences
 
     val = load_sentences(shards / "val")

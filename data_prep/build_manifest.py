@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a JSONL manifest from an ordinary folder tree (see lvm.data.manifest.manifest_from_tree).
+"""Write a JSONL manifest from an ordinary folder tree (see lvm.data.offline.sources.manifest.manifest_from_tree).
 
 Conventions under ROOT: images/** (single images), videos/** (one sentence per video),
 sequences/<name>/ (one sentence per folder), pairs/<task>/{input,label}/ (files matched by stem,
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvm.data.manifest import manifest_from_tree, write_manifest
+from lvm.data.offline.sources.manifest import manifest_from_tree, write_manifest
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lvm.data.derive import DERIVED
 from lvm.data.labelled import manifest_from_labelled_tree
-from lvm.data.manifest import write_manifest
+from lvm.data.offline.sources.manifest import write_manifest
 
 
 def main(argv=None) -> int:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lvm.data.manifest import KINDS
-from lvm.data.shards import ShardError
+from lvm.data.offline.config import BuildConfig
+from lvm.data.shards import KINDS, ShardError
 from lvm.launch_env import work_slice
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    d = BuildConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="LVM token files -> shards (no re-tokenizing)",
@@ -26,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     imp.add_argument("--out", required=True, help="output shard folder")
     imp.add_argument("--tokenizer-spec", default=None,
                      help="what made the tokens, e.g. vqgan:<dir> (default: F.tokenizer.json beside the first file)")
-    imp.add_argument("--val-fraction", type=float, default=0.05, help="share of sentences held out in val/")
-    imp.add_argument("--sentences-per-shard", type=int, default=8192)
+    imp.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of sentences held out in val/")
+    imp.add_argument("--sentences-per-shard", type=int, default=d.sentences_per_shard)
     imp.add_argument("--rank", type=int, default=None, help="this task's slice (default: from the launcher)")
     imp.add_argument("--world-size", type=int, default=None, help="number of slices (default: from the launcher)")
     imp.add_argument("--index-only", action="store_true", help="only write index.json/report.json (after all ranks)")
@@ -41,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from lvm.data.build import summary_line
-    from lvm.data.lvm_tokens import export_token_file, import_token_files
+    from lvm.data.offline.pipeline import import_token_files
+    from lvm.data.offline.sources.lvm_jsonl import export_token_file
+    from lvm.data.offline.writer import summary_line
 
     try:
         if a.command == "export":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize a corpus into Arrow shards of visual sentences (see lvm.data.build and lvm.data.units).
+"""Tokenize a corpus into Arrow shards of visual sentences (see lvm.data.offline.pipeline and its units).
 
 Inputs (--input, repeatable): JSONL manifests, folders of them, webdataset tars, or patterns of tars
 with brace notation or globs, expanded here (quote them): --input 'laion/{00000..09999}.tar'.
@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lvm.data.build import BuildConfig, build_shards, summary_line
-from lvm.data.units import DEFAULT_PART_BYTES
+from lvm.data.offline.config import BuildConfig
+from lvm.data.offline.pipeline import build_shards
+from lvm.data.offline.writer import summary_line
 from lvm.launch_env import work_slice
+from lvm.tokenizer.preprocess import RESIZE_MODES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,10 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of sentence ids held out in val/")
     p.add_argument("--sentences-per-shard", type=int, default=d.sentences_per_shard,
                    help="an input unit's output is cut into shards of at most this many sentences")
-    p.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES,
+    p.add_argument("--part-bytes", type=int, default=d.part_bytes,
                    help="a manifest larger than this is cut into units of this many bytes")
     p.add_argument("--max-images", type=int, default=d.max_images, help="longer sentences are split into chunks")
-    p.add_argument("--resize", choices=["squash", "center-crop"], default=d.resize,
+    p.add_argument("--resize", choices=RESIZE_MODES, default=d.resize,
                    help="squash: resize to 256x256 as LVM did; center-crop: keep aspect, crop the centre")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the embedded tokenizer's fit")
     p.add_argument("--fit-images", type=int, default=d.fit_images, help="images the embedded tokenizer is fitted on")

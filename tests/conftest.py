@@ -142,7 +142,8 @@ def small_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory, small_tokenizer):
     """Real shards of a small synthetic corpus (videos, sequences, pairs, images)."""
-    from lvm.data.build import BuildConfig, build_shards
+    from lvm.data.offline.config import BuildConfig
+    from lvm.data.offline.pipeline import build_shards
     from lvm.data.synth import CorpusSize, make_corpus
 
     root = tmp_path_factory.mktemp("train_data")

@@ -1,5 +1,5 @@
 """One definition of "the same tokenizer" (lvm.artifacts.TokenizerRecord): what the tokenizer is, never how
-its folder was spelled. Real shards made by make_shards (lvm.data.build) on a few images."""
+its folder was spelled. Real shards made by make_shards (lvm.data.offline) on a few images."""
 
 import json
 import shutil
@@ -11,7 +11,8 @@ from tests.conftest import scene
 
 
 def build(manifest: Path, out: Path, tokenizer: str) -> Path:
-    from lvm.data.build import BuildConfig, build_shards
+    from lvm.data.offline.config import BuildConfig
+    from lvm.data.offline.pipeline import build_shards
 
     build_shards(BuildConfig(inputs=[str(manifest)], out=str(out), tokenizer=tokenizer, workers=0, val_fraction=0.4,
                              sentences_per_shard=4, fit_images=8, progress=False))
@@ -37,7 +38,7 @@ def made(tmp_path_factory):
 
 
 def test_sources_of_one_tokenizer_spelled_differently_train_together(made, tmp_path, monkeypatch):
-    from lvm.data.build import tokenizer_from_shards
+    from lvm.artifacts import TokenizerRecord
     from lvm.eval.model_io import tokenizer_mismatch
     from lvm.train.data_setup import check_tokenizer, resolve_sources
 
@@ -49,12 +50,13 @@ def test_sources_of_one_tokenizer_spelled_differently_train_together(made, tmp_p
     assert info["spec_resolved"] == f"patch-kmeans:{(a / 'tokenizer').resolve()}"
     for shards in (b, c):  # generation and evaluation: the same tokenizer, and it loads
         assert tokenizer_mismatch(info, check_tokenizer(shards / "train", None)) is None
-        tok = tokenizer_from_shards(shards / "train")
-        assert tok.centroids.equal(tokenizer_from_shards(a / "train").centroids)
+        tok = TokenizerRecord.from_shards(shards / "train").load()
+        assert tok.centroids.equal(TokenizerRecord.from_shards(a / "train").load().centroids)
 
 
 def test_lvm_jsonl_export_and_import_keep_the_tokenizer(made, tmp_path, monkeypatch):
-    from lvm.data.lvm_tokens import export_token_file, import_token_files
+    from lvm.data.offline.pipeline import import_token_files
+    from lvm.data.offline.sources.lvm_jsonl import export_token_file
     from lvm.train.data_setup import resolve_sources
 
     root, a = made["root"], made["A"]

@@ -164,8 +164,8 @@ def generate(a) -> list[tuple[bool, str]]:
     """The next frame of a held-out clip from its first frames, and from no prompt; PSNR of each against the truth."""
     from PIL import Image
 
-    from lvm.data.decode import decode_sentence
-    from lvm.data.manifest import read_manifest
+    from lvm.data.offline.decode import decode_sentence
+    from lvm.data.offline.sources.manifest import read_manifest
     from lvm.data.shards import load_sentences
 
     py = sys.executable

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvm.data.build import BuildConfig, build_shards
+from lvm.data.offline.config import BuildConfig
+from lvm.data.offline.pipeline import build_shards
 from lvm.data.shards import load_sentences, read_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,9 +96,9 @@ def test_fits_embedded_tokenizer_when_none_given(tmp_path):
     assert "wrote" in r.stdout and "B/image" in r.stdout
     assert (out / "tokenizer" / "codebook.safetensors").is_file()
     assert json.loads((out / "tokenizer.json").read_text())["spec"] == "patch-kmeans:tokenizer"
-    from lvm.data.build import tokenizer_from_shards
+    from lvm.artifacts import TokenizerRecord
 
-    tok = tokenizer_from_shards(out / "train")
+    tok = TokenizerRecord.from_shards(out / "train").load()
     table = load_sentences(out / "train")
     import torch
 

@@ -1,6 +1,6 @@
 import json
 
-from lvm.data.manifest import manifest_from_tree, read_manifest
+from lvm.data.offline.sources.manifest import manifest_from_tree, read_manifest
 from lvm.data.synth import CorpusSize, make_corpus
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvm.data.build import BuildConfig, build_shards, decoded_stream
-from lvm.data.manifest import Skip
+from lvm.data.offline.config import BuildConfig
+from lvm.data.offline.decode import decoded_stream
+from lvm.data.offline.pipeline import build_shards
+from lvm.data.offline.sources import Skip
+from lvm.data.offline.units import InputError, expand_spec, plan_units, read_lines
 from lvm.data.shards import read_shard
-from lvm.data.units import InputError, expand_spec, plan_units, read_lines
 from tests.conftest import scene, write_mp4
 
 REPO = Path(__file__).resolve().parents[2]
@@ -256,8 +258,8 @@ def test_manifest_parts_read_every_line_once(tmp_path, mixed_corpus, small_token
 
 
 def test_long_video_is_decoded_once(tmp_path, monkeypatch):
-    import lvm.data.decode as decode
-    from lvm.data.manifest import read_manifest
+    import lvm.data.offline.decode as decode
+    from lvm.data.offline.sources.manifest import read_manifest
 
     write_mp4(tmp_path / "long.mp4", 40)
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "v", "kind": "video", "video": "long.mp4", "max_frames": 64}) + "\n")
@@ -302,7 +304,7 @@ def test_lvm_token_files_round_trip_and_bad_lines(tmp_path):
     r = subprocess.run([sys.executable, str(LVM_JSONL), "export", "--shards", str(out), "--out", str(back)],
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
-    from lvm.data.lvm_tokens import decode_line
+    from lvm.data.offline.sources.lvm_jsonl import decode_line
 
     lines = back.read_text().splitlines()
     assert len(lines) == len(good) and all(np.array_equal(decode_line(x), g) for x, g in zip(lines, good, strict=True))
@@ -320,7 +322,7 @@ def test_lvm_token_files_round_trip_and_bad_lines(tmp_path):
 def test_lvm_token_bad_lines_are_named_by_file_line_in_every_part(tmp_path):
     """A large LVM token file is cut into byte-range parts (64 MiB; 2 KB here): a bad line in any part is reported
     with its line number in the file, not counted from the start of its part."""
-    from lvm.data.lvm_tokens import import_token_files
+    from lvm.data.offline.pipeline import import_token_files
 
     rng = np.random.default_rng(1)
     lines = [lvm_line(rng.integers(0, 8192, 256)) for _ in range(30)]
@@ -342,7 +344,7 @@ def test_manifest_parts_number_lines_in_the_file(tmp_path):
     """Every line of a manifest cut into byte-range parts carries its line number in the file: lines without an
     'id' get distinct default ids (`line<N>`, as in the whole file), and a malformed line in any part is
     reported as `path:N`, whatever the part size."""
-    from lvm.data.manifest import iter_manifest_lines
+    from lvm.data.offline.sources.manifest import iter_manifest_lines
 
     lines = []
     for n in range(1, 41):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lvm.data.manifest import write_manifest
+from lvm.data.offline.sources.manifest import write_manifest
 from lvm.data.synth import SIZE, write_video
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",

@@ -38,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lvm.data.manifest import KINDS
 from lvm.model.vocab import CODEBOOK_SIZE, TOKENS_PER_IMAGE
 
 SCHEMA = pa.schema([
@@ -48,6 +47,7 @@ SCHEMA = pa.schema([
     pa.field("id", pa.string()),
 ])
 SPLITS = ("train", "val")
+KINDS = ("image", "sequence", "pairs", "video")  # sentence kinds; a shard stores each as its code here
 STATS_KEY = b"lvm.stats"
 KIND_CODES = {k: i for i, k in enumerate(KINDS)}
 OPEN_SHARDS = 32  # memory-mapped shards kept open per ShardSet (least recently used are closed)

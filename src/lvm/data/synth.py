@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from lvm.data.manifest import manifest_from_tree, write_manifest
+from lvm.data.offline.sources.manifest import manifest_from_tree, write_manifest
 
 SIZE = 256
 PAIR_TASKS = ("edges", "mask", "invert")

@@ -11,21 +11,30 @@ wants, and cut (`decode_chunks`); chunks past the end of a video that yielded fr
 without a report (a clip shorter than `max_frames` is not a defect).
 
 `decode_task` is what the decode workers run: a list of manifest lines (their chunks) or of
-webdataset samples (image bytes), each turned into frames or a `(source, reason)` pair.
+webdataset samples (image bytes), each turned into frames or a `(source, reason)` pair. `decoded_stream`
+runs a unit's source through them: a process pool, results in input order, a bounded number of tasks in
+flight, so memory does not grow with the unit.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 from PIL import ImageSequence
 
-from lvm.data.manifest import Sentence
+from lvm.data.offline.sources import Skip
+from lvm.data.offline.sources.manifest import Sentence, unit_sentences
+from lvm.data.offline.sources.webdataset import Sample, iter_samples
+from lvm.data.offline.units import Unit
 from lvm.model.vocab import IMAGE_SIZE
 from lvm.tokenizer.preprocess import SourceError, load_image, open_image, prepare_image
 
 PILLOW_VIDEO_EXTS = {".gif", ".webp", ".apng"}
+LINES_PER_TASK = 4      # manifest lines per decode task
+SAMPLES_PER_TASK = 16   # webdataset samples per decode task
 
 
 class SentenceError(Exception):
@@ -140,3 +149,90 @@ def decode_task(task: tuple[str, list, str]) -> list:
         return [decode_line(chunks, resize) for chunks in items]
     return [_guarded(lambda d=data: load_image(d, resize=resize)[None], src) for src, data in items]
 
+
+
+# ----------------------------------------------------------------------------------------------
+# A unit's source through the decode workers
+
+
+def decode_pool(workers: int):
+    """The decode worker processes (None: decode in this process)."""
+    return mp.get_context("forkserver").Pool(workers) if workers else None
+
+
+def task_batches(items, size: int):
+    batch = []
+    for it in items:
+        batch.append(it)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def ordered_map(pool, fn, tasks, inflight: int):
+    """fn over tasks in a process pool, results in order, at most `inflight` tasks pending
+    (Pool.imap would read the whole input ahead into memory)."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque = deque()
+    for t in tasks:
+        pending.append(pool.apply_async(fn, (t,)))
+        if len(pending) >= inflight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def decoded_stream(unit: Unit, cfg, pool):
+    """Per sentence of a unit (a tar or a manifest; cfg: workers, resize, max_images), in order:
+    (Sentence, frames) or a Skip."""
+    inflight = 2 * max(cfg.workers, 1) + 2
+    if unit.kind == "tar":
+        items, per_task, worker = iter_samples(unit.path, unit.label), SAMPLES_PER_TASK, decode_samples
+    else:
+        items, per_task, worker = unit_sentences(unit, cfg.max_images), LINES_PER_TASK, decode_lines
+    tasks = ((g, cfg.resize) for g in task_batches(items, per_task))
+    for group in ordered_map(pool, worker, tasks, inflight):
+        yield from group
+
+
+def decode_samples(args) -> list:
+    """Worker: webdataset samples (and Skips passed through) -> (Sentence, frames) or Skip."""
+    group, resize = args
+    out = []
+    todo = [(i, it) for i, it in enumerate(group) if isinstance(it, Sample)]
+    results = decode_task(("images", [(it.key, it.image()[1]) for _, it in todo], resize))
+    by_index = dict(zip((i for i, _ in todo), results, strict=True))
+    for i, it in enumerate(group):
+        if isinstance(it, Skip):
+            out.append(it)
+            continue
+        tar = it.tar_path
+        sid = it.id
+        res = by_index[i]
+        if isinstance(res, tuple):
+            out.append(Skip(source=tar, key=it.key, sentence=sid, reason=f"{it.image()[0]} member: {res[1]}"))
+        else:
+            out.append((Sentence(id=sid, kind="image", images=(f"{tar}:{it.key}",)), res))
+    return out
+
+
+def decode_lines(args) -> list:
+    """Worker: manifest lines (chunk lists, and Skips passed through) -> (Sentence, frames) or Skip."""
+    group, resize = args
+    out = []
+    for it in group:
+        if isinstance(it, Skip):
+            out.append(it)
+            continue
+        for chunk, res in zip(it, decode_task(("lines", [it], resize))[0], strict=True):
+            if res is None:
+                continue  # past the end of a video
+            if isinstance(res, tuple):
+                out.append(Skip(source=res[0], reason=res[1], sentence=chunk.id, line=chunk.line or None))
+            else:
+                out.append((chunk, res))
+    return out

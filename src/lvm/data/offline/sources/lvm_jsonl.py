@@ -1,10 +1,11 @@
 """LVM's own tokenized data: JSONL, one visual sentence per line, `{"tokens": base64(int32 codes)}`.
 
-`import_token_files` turns such files into our shards without re-tokenizing: each file is a unit of
-`lvm.data.build` (so ranks, resume, the train/val split and index.json work as for images); a line
-whose length is not a positive multiple of 256 or whose codes leave 0..8191 is skipped and reported
+As a source (`lvm_token_rows`), each such file is a unit of the offline stage (so ranks, resume, the
+train/val split and index.json work as for images) whose lines are rows of codes, never re-tokenized; a
+line whose length is not a positive multiple of 256 or whose codes leave 0..8191 is skipped and reported
 by file and line number. What made the tokens is recorded in `tokenizer.json` from `--tokenizer-spec`
-(or from `F.tokenizer.json` beside the first file, which `export_token_file` writes).
+(or from `F.tokenizer.json` beside the first file, which `export_token_file` writes):
+`imported_tokenizer_info`. `lvm.data.offline.pipeline.import_token_files` runs the import.
 
 `export_token_file` writes shards back in LVM's format (int32 little-endian, standard base64), one
 line per sentence in shard order, and `F.tokenizer.json` with the tokenizer folder as an absolute path
@@ -14,6 +15,7 @@ line per sentence in shard order, and `F.tokenizer.json` with the tokenizer fold
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import sys
 from pathlib import Path
@@ -21,10 +23,53 @@ from pathlib import Path
 import numpy as np
 
 from lvm.artifacts import TokenizerRecord, resolve_spec
-from lvm.data.build import BuildConfig, build_shards
+from lvm.data.offline.sources import Skip
+from lvm.data.offline.units import Unit, read_lines
 from lvm.data.shards import SPLITS, ShardError, atomic_write_text, read_shard, temp_path
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
 from lvm.tokenizer import load_tokenizer, parse_spec
+
+CODE_DTYPE = "<i4"  # LVM's codes: int32, little-endian
+
+
+def encode_line(codes: np.ndarray) -> str:
+    """Codes -> one LVM token line (without the newline)."""
+    return json.dumps({"tokens": base64.b64encode(codes.astype(CODE_DTYPE).tobytes()).decode("ascii")})
+
+
+def decode_line(line: str) -> np.ndarray:
+    """One LVM token line -> int32 codes."""
+    return np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), dtype=CODE_DTYPE)
+
+
+def lvm_token_rows(unit: Unit, kind: str):
+    """The source of an LVM token file: per line a row for a shard, or a Skip naming the file and line."""
+    if not unit.exists:
+        yield Skip(source=unit.path, reason="file not found")
+        return
+    name = Path(unit.path).name
+    for n, _, raw in read_lines(unit):  # n: the line's number in the file, in every part of it
+        text = raw.strip()
+        if not text:
+            continue
+        sid = f"{name}:{n}"
+        try:
+            entry = json.loads(text.decode("utf-8"))
+            if not isinstance(entry, dict) or not isinstance(entry.get("tokens"), str):
+                raise ValueError("line is not a JSON object with a base64 string 'tokens'")
+            data = base64.b64decode(entry["tokens"], validate=True)
+            if len(data) % 4:
+                raise ValueError(f"'tokens' decodes to {len(data)} bytes, not a whole number of int32")
+            codes = np.frombuffer(data, dtype=CODE_DTYPE)
+            if len(codes) == 0 or len(codes) % TOKENS_PER_IMAGE:
+                raise ValueError(f"{len(codes)} tokens is not a positive multiple of {TOKENS_PER_IMAGE}")
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= CODEBOOK_SIZE:
+                raise ValueError(f"token {hi if hi >= CODEBOOK_SIZE else lo} outside 0..{CODEBOOK_SIZE - 1}")
+        except (ValueError, UnicodeDecodeError, binascii.Error) as e:
+            yield Skip(source=f"{unit.path}:{n}", reason=f"bad LVM token line: {e}", sentence=sid, line=n)
+            continue
+        yield {"tokens": codes.astype(np.uint16), "n_images": len(codes) // TOKENS_PER_IMAGE, "kind": kind, "id": sid}
 
 
 def sidecar(path: str | Path) -> Path:
@@ -51,16 +96,6 @@ def imported_tokenizer_info(spec: str | None, first_file: str, out: Path) -> dic
                                      tokens_per_image=TOKENS_PER_IMAGE, description={"kind": kind},
                                      extra={"resize": "squash"})
     return record.to_info(relative_to=out)
-
-
-def import_token_files(files: list[str], kind: str, out: str, tokenizer_spec: str | None = None, **settings) -> dict:
-    """LVM token files -> shards in OUT (resumable, rank-sliced like make_shards)."""
-    if not files:
-        raise ValueError("give at least one --jsonl file")
-    info = imported_tokenizer_info(tokenizer_spec, files[0], Path(out))
-    cfg = BuildConfig(inputs=list(files), out=out, tokenizer=info["spec"], import_kind=kind, tokenizer_info=info,
-                      workers=0, **settings)
-    return build_shards(cfg)
 
 
 def _shard_files(shards: Path, split: str) -> list[Path]:
@@ -98,8 +133,8 @@ def export_token_file(shards: str, out: str, split: str = "train") -> dict:
             flat = col.values.to_numpy(zero_copy_only=False)
             off = col.offsets.to_numpy()
             for i in range(len(col)):
-                codes = flat[off[i] : off[i + 1]].astype("<i4")
-                f.write(json.dumps({"tokens": base64.b64encode(codes.tobytes()).decode("ascii")}) + "\n")
+                codes = flat[off[i] : off[i + 1]]
+                f.write(encode_line(codes) + "\n")
                 n_lines += 1
                 n_tokens += len(codes)
     tmp.replace(dst)
@@ -107,9 +142,4 @@ def export_token_file(shards: str, out: str, split: str = "train") -> dict:
     return {"out": str(dst), "sentences": n_lines, "tokens": n_tokens}
 
 
-def decode_line(line: str) -> np.ndarray:
-    """One LVM token line -> int32 codes."""
-    return np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), dtype="<i4")
-
-
-__all__ = ["import_token_files", "export_token_file", "decode_line"]
+__all__ = ["lvm_token_rows", "encode_line", "decode_line", "imported_tokenizer_info", "export_token_file", "sidecar"]

@@ -10,7 +10,7 @@ and the key: a sample without an image member, a member that cannot be read, a t
 (the whole samples before the cut are kept; the sample being read is dropped), a file that is not a
 tar, a missing file. The image bytes are decoded later, by the decode workers.
 
-A sample's id is `LABEL/KEY`, LABEL naming the tar (`lvm.data.units.Unit.label`: its path below the
+A sample's id is `LABEL/KEY`, LABEL naming the tar (`lvm.data.offline.units.Unit.label`: its path below the
 common folder of the inputs, so `laion/00000.tar` and `coyo/00000.tar` give different ids).
 """
 
@@ -20,7 +20,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 
-from lvm.data.manifest import Skip
+from lvm.data.offline.sources import Skip
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
