@@ -140,6 +140,10 @@ def main(argv=None) -> int:
                    help="attention kernels (auto: flash-attention-2 where installed and on a GPU, else sdpa)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.prompts and a.max_sentences is not None:
+        p.error("--max-sentences goes with --data; --prompts scores every line of its file")
+    if a.data and (a.base or a.tokenizer):
+        p.error("--base and --tokenizer go with --prompts (shards carry their tokenizer)")
 
     from lvm.data.shards import ShardError, load_sentences
     from lvm.eval.model_io import ModelLoadError, model_tokenizer_info, run_folder, tokenizer_mismatch

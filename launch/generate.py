@@ -92,6 +92,8 @@ def main(argv=None) -> int:
                    help="samples (candidates) per prompt")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (slow; for checks)")
     a = p.parse_args(argv)
+    if a.base and not a.prompts:
+        p.error("--base goes with --prompts (--prompt-file paths start from the file's folder)")
 
     from lvm.data.shards import atomic_write_text
     from lvm.eval.generate import (
