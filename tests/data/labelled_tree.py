@@ -9,10 +9,10 @@ from PIL import Image
 
 from tests.conftest import scene
 
-N_IMAGES = 12
-N_DEPTH = 6
-N_NORMALS = 4
-CATEGORIES = {"cat": 5, "dog": 6}
+N_IMAGES = 8
+N_DEPTH = 4
+N_NORMALS = 3
+CATEGORIES = {"cat": 4, "dog": 5}
 
 
 def make_labelled_tree(root: Path) -> Path:
@@ -37,8 +37,8 @@ def make_labelled_tree(root: Path) -> Path:
             n = rng.normal(size=(200, 300, 3))
             np.save(root / "normals/training" / f"img{i:02d}.npy", n / np.linalg.norm(n, axis=-1, keepdims=True))
     # a truncated annotation: its pair is skipped and reported
-    data = (root / "annotations/training/img11.png").read_bytes()
-    (root / "annotations/training/img11.png").write_bytes(data[: len(data) // 3])
+    data = (root / "annotations/training/img07.png").read_bytes()
+    (root / "annotations/training/img07.png").write_bytes(data[: len(data) // 3])
     scene(999, (64, 64)).save(root / "images/training/unlabelled.png")
     for name, n in CATEGORIES.items():
         (root / "categories" / name).mkdir(parents=True, exist_ok=True)

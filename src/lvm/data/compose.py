@@ -38,12 +38,19 @@ import numpy as np
 from tqdm import tqdm
 
 from lvm.artifacts import TokenizerRecord
-from lvm.data.build import PARTS, UnitOutput, finished_part, is_val, part_path, write_index
-from lvm.data.build import _unit_record as unit_record
-from lvm.data.manifest import DEFAULT_MAX_IMAGES
+from lvm.data.offline.sources.manifest import DEFAULT_MAX_IMAGES
+from lvm.data.offline.units import Unit, mine
+from lvm.data.offline.writer import (
+    UnitOutput,
+    clear_unit,
+    finished_part,
+    is_val,
+    open_output,
+    write_index,
+    write_part,
+)
 from lvm.data.shards import SPLITS, atomic_write_text
-from lvm.data.store import PALETTES, Store, StoreError, check_settings, open_store
-from lvm.data.units import Unit
+from lvm.data.store import PALETTES, Store, StoreError, open_store
 from lvm.model.vocab import TOKENS_PER_IMAGE
 
 MODES = ("pairs", "categories", "multi")
@@ -243,22 +250,19 @@ class Composer:
         lo, hi = int(offsets[start]), int(offsets[stop])
         toks = self.tokens[flat[lo:hi]]
         kind = "pairs" if self.cfg.mode == "pairs" else "sequence"
-        where = "val" if split == "val" else f"e{epoch}"
+        prefix = f"{self.cfg.label}/{'val' if split == 'val' else f'e{epoch}'}/"
         return [{"tokens": toks[offsets[i] - lo : offsets[i + 1] - lo].reshape(-1), "n_images": int(offsets[i + 1] - offsets[i]),
-                 "kind": kind, "id": f"{self.cfg.label}/{where}/{i}"} for i in range(start, stop)]
+                 "kind": kind, "id": f"{prefix}{i}"} for i in range(start, stop)]
 
 
 def compose_block(out: Path, composer: Composer, unit: Unit, split: str, epoch: int) -> dict:
     """Write one block's shard (make_shards' writer) and then its part report."""
-    for p in (out / split).glob(f"{unit.name}-*.arrow") if (out / split).is_dir() else ():
-        p.unlink(missing_ok=True)
+    clear_unit(out, unit.name)
     output = UnitOutput(out, unit.name, composer.cfg.sentences_per_shard)
     for row in composer.rows(split, epoch, unit.start, unit.stop):
         output.add(split, row)
     output.close()
-    part = {"unit": unit_record(unit), "input": unit.path, "shards": output.shards, "skipped": []}
-    atomic_write_text(part_path(out, unit.name), json.dumps(part, indent=1))
-    return part
+    return write_part(out, unit, output.shards, [])
 
 
 def compose(cfg: ComposeConfig, overwrite: bool = False) -> dict:
@@ -269,23 +273,18 @@ def compose(cfg: ComposeConfig, overwrite: bool = False) -> dict:
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.store).resolve():
         raise ValueError("--out must be another folder than --store")
-    if overwrite and cfg.rank == 0 and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, {"format": COMPOSE_FORMAT, "store": store.digest(), **cfg.settings()}, "sentences")
+    open_output(out, {"format": COMPOSE_FORMAT, "store": store.digest(), **cfg.settings()},
+                clear=overwrite and cfg.rank == 0, what="sentences")
     composer = Composer(store, cfg)
     counts = {s: sentence_count(it, cfg) for s, it in composer.items.items()}
     if counts["train"] == 0:
         raise StoreError(f"store {store.root}: too few items for one training sentence of {cfg.label}")
     blocks = plan_blocks(counts, cfg)
-    mine = blocks[cfg.rank :: cfg.world_size]
-    todo = [] if cfg.index_only else [b for b in mine if finished_part(out, b[0]) is None]
+    todo = [] if cfg.index_only else [b for b in mine(blocks, cfg.rank, cfg.world_size) if finished_part(out, b[0]) is None]
     written = 0
     with tqdm(total=sum(b[0].stop - b[0].start for b in todo), unit="sentence", desc=f"compose[{cfg.rank}/{cfg.world_size}]",
               file=sys.stderr, dynamic_ncols=True, disable=not cfg.progress or not todo) as bar:
         for unit, split, epoch in todo:
-            for p in (out / PARTS).glob(f".{unit.name}.json.tmp.*"):
-                p.unlink(missing_ok=True)
             compose_block(out, composer, unit, split, epoch)
             written += unit.stop - unit.start
             bar.update(unit.stop - unit.start)

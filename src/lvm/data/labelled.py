@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from lvm.data.derive import DERIVED
-from lvm.data.manifest import IMAGE_EXTS, _files
+from lvm.data.offline.sources.manifest import IMAGE_EXTS, _files
 
 MAP_EXTS = IMAGE_EXTS | {".npy"}
 TASK_FOLDERS = {  # folder -> (task, label mode for .npy files, label mode for image files)

@@ -31,11 +31,8 @@ record `id#j`. Video lines and webdataset tars are reported as skipped: they are
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
-import multiprocessing as mp
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,19 +42,6 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from lvm.data.build import (
-    PARTS,
-    BuildConfig,
-    Encoder,
-    _task_batches,
-    encode_device,
-    ordered_map,
-    part_path,
-    remove_temp_files,
-    resolve_tokenizer,
-    tokenizer_info,
-)
-from lvm.data.build import _unit_record as unit_record
 from lvm.data.derive import (
     DEFAULT_HOLE_RATIO,
     DERIVED,
@@ -67,10 +51,23 @@ from lvm.data.derive import (
     palette_for,
     palette_json,
 )
-from lvm.data.manifest import Skip, parse_line
+from lvm.data.offline.config import BuildConfig
+from lvm.data.offline.decode import decode_pool, ordered_map, task_batches
+from lvm.data.offline.encode import Encoder, check_geometry, encode_device
+from lvm.data.offline.fit import resolve_tokenizer, tokenizer_info
+from lvm.data.offline.sources import Skip
+from lvm.data.offline.sources.manifest import parse_line
+from lvm.data.offline.units import InputError, Unit, mine, plan_units, read_lines
+from lvm.data.offline.writer import (
+    clear_unit,
+    open_output,
+    part_path,
+    remove_temp_files,
+    unit_record,
+    write_tokenizer_json,
+)
 from lvm.data.shards import atomic_write_text, temp_path
-from lvm.data.units import InputError, Unit, plan_units, read_lines
-from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
+from lvm.model.vocab import TOKENS_PER_IMAGE
 from lvm.tokenizer.preprocess import SourceError, load_image
 
 STORE_FORMAT = "lvm-store/1"
@@ -101,8 +98,8 @@ class Record:
 
 def _text(entry: dict, key: str, default: str | None = None) -> str | None:
     v = entry.get(key, default)
-    if v is not None and (not isinstance(v, str) or not v or "/" in v):
-        raise ValueError(f"'{key}' must be a non-empty string without '/', got {v!r}")
+    if v is not None and (not isinstance(v, str) or not v or "/" in v or ":" in v):
+        raise ValueError(f"'{key}' must be a non-empty string without '/' or ':', got {v!r}")
     return v
 
 
@@ -133,7 +130,7 @@ def parse_record_line(entry, root: Path, line: int) -> list[Record]:
         if sentence.kind != "image":
             raise ValueError("'derive' makes a pair of one image: use it on 'image' lines")
         task = task or derive
-        made = f"inpainting:{sid}" if derive == "inpainting" else derive
+        made = f"inpainting:{_escape(sid)}" if derive == "inpainting" else derive
         return [Record(sid, "pair", task, _text(entry, "dataset", task), (f"{made}:{paths[0]}", f"image:{paths[0]}"), line)]
     dataset = _text(entry, "dataset", category or "images")
     return [Record(sid if len(paths) == 1 else f"{sid}#{j}", "image", category or "", dataset, (f"image:{p}",), line)
@@ -171,6 +168,15 @@ def _palette(dataset: str, folder: str) -> np.ndarray:
     return palette_for(dataset, Path(folder))
 
 
+def _escape(record_id: str) -> str:
+    """A record id as one field of an image key (ids may hold ':')."""
+    return record_id.replace("%", "%25").replace(":", "%3A")
+
+
+def _unescape(field: str) -> str:
+    return field.replace("%3A", ":").replace("%25", "%")
+
+
 def key_path(key: str) -> str:
     """The file an image key reads (its last field: paths may hold ':')."""
     how, rest = key.split(":", 1)
@@ -188,7 +194,7 @@ def decode_key(key: str, resize: str, seed: int, hole_ratio: float, palettes: st
     if how == "image":
         frame = load_image(rest, resize=resize)
     elif how in DERIVED:
-        record_id = rest.split(":", 1)[0] if how == "inpainting" else ""
+        record_id = _unescape(rest.split(":", 1)[0]) if how == "inpainting" else ""
         frame = derive_input(how, decode_key(f"image:{key_path(key)}", resize, seed, hole_ratio, palettes, made),
                              seed, record_id, hole_ratio)
     elif how == "segmentation":
@@ -297,7 +303,7 @@ def build_store_unit(unit: Unit, cfg: BuildConfig, hole_ratio: float, encode, po
     records: list[Record] = []
     skipped: list[Skip] = []
     tasks = ((g, cfg.resize, cfg.seed, hole_ratio, str(palettes))
-             for g in _task_batches(_records_stream(unit, submitted, palettes), RECORDS_PER_TASK))
+             for g in task_batches(_records_stream(unit, submitted, palettes), RECORDS_PER_TASK))
     for group in ordered_map(pool, _decode_records, tasks, 2 * max(cfg.workers, 1) + 2):
         for item in group:
             if isinstance(item, Skip):
@@ -322,6 +328,12 @@ def build_store_unit(unit: Unit, cfg: BuildConfig, hole_ratio: float, encode, po
     if frames:
         tokens.append(encode(np.stack(frames)))
     codes = np.concatenate(tokens) if tokens else np.zeros((0, TOKENS_PER_IMAGE), np.uint16)
+    return write_unit(out, unit, keys, codes, records, skipped)
+
+
+def write_unit(out: Path, unit: Unit, keys: list[str], codes: np.ndarray, records: list[Record], skipped: list) -> dict:
+    """A unit's images (keys and uint16 codes [n, 256], in row order) and records, then its part mark (last)."""
+    rows = {k: i for i, k in enumerate(keys)}
     images_file, records_file = unit_files(out, unit.name)
     flat = pa.array(codes.reshape(-1), type=pa.uint16())
     write_table(images_file, pa.table([pa.FixedSizeListArray.from_arrays(flat, TOKENS_PER_IMAGE),
@@ -337,6 +349,7 @@ def build_store_unit(unit: Unit, cfg: BuildConfig, hole_ratio: float, encode, po
     part = {"unit": unit_record(unit), "input": unit.path, "images": len(keys), "records": len(records),
             "groups": {k: dict(sorted(v.items())) for k, v in groups.items()},
             "skipped": [s.as_dict() for s in skipped]}
+    part_path(out, unit.name).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(part_path(out, unit.name), json.dumps(part, indent=1))
     return part
 
@@ -348,20 +361,6 @@ def build_store_unit(unit: Unit, cfg: BuildConfig, hole_ratio: float, encode, po
 def _fingerprint(cfg: BuildConfig, hole_ratio: float) -> dict:
     keys = ("tokenizer", "resize", "seed", "fit_images", "part_bytes")
     return {"store": STORE_FORMAT, "hole_ratio": hole_ratio, **{k: getattr(cfg, k) for k in keys}}
-
-
-def check_settings(out: Path, fp: dict, what: str = "a store or shards") -> None:
-    """Record the settings of a resumable output in .parts/settings.json, or refuse other settings (one line)."""
-    f = out / PARTS / "settings.json"
-    if f.is_file():
-        old = json.loads(f.read_text())
-        if old != fp:
-            diff = sorted(k for k in set(fp) | set(old) if old.get(k) != fp.get(k))
-            raise SystemExit(f"error: {out} holds {what} made with other settings ({', '.join(diff)} differ); "
-                             "use another --out or pass --overwrite")
-    else:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(f, json.dumps(fp, indent=2, sort_keys=True))
 
 
 def write_store_index(out: Path, units: list[Unit], tok_info: dict) -> dict | None:
@@ -386,7 +385,7 @@ def write_store_index(out: Path, units: list[Unit], tok_info: dict) -> dict | No
              "palettes": palettes}
     report = {"written": {"images": index["images"], "records": index["records"]}, "skipped_count": len(skipped),
               "skipped": skipped}
-    atomic_write_text(out / "tokenizer.json", json.dumps(tok_info, indent=2))
+    write_tokenizer_json(out, tok_info)
     atomic_write_text(out / "store.json", json.dumps(index, indent=2))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     remove_temp_files(out)
@@ -403,32 +402,25 @@ def build_store(cfg: BuildConfig, hole_ratio: float = DEFAULT_HOLE_RATIO, overwr
         units = plan_units(cfg.inputs, cfg.part_bytes)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
-    if overwrite and cfg.rank == 0 and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, _fingerprint(cfg, hole_ratio))
-    pool = mp.get_context("forkserver").Pool(cfg.workers) if cfg.workers and not cfg.index_only else None
+    open_output(out, _fingerprint(cfg, hole_ratio), clear=overwrite and cfg.rank == 0, what="a token store")
+    pool = decode_pool(cfg.workers) if not cfg.index_only else None
     stats = {"units": 0, "images": 0, "records": 0}
     t0 = time.perf_counter()
     try:
         device = encode_device(cfg)
         tok = resolve_tokenizer(cfg, units, pool, device)
-        if (tok.codebook_size, tok.image_size, tok.tokens_per_image) != (CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE):
-            raise SystemExit(f"error: tokenizer {tok.spec} makes {tok.tokens_per_image} codes of {tok.codebook_size} per "
-                             f"{tok.image_size}px image; this pipeline needs {TOKENS_PER_IMAGE} of {CODEBOOK_SIZE} at {IMAGE_SIZE}px")
+        check_geometry(tok)
         tok_info = tokenizer_info(tok, out, cfg)
         if cfg.rank == 0 and not cfg.index_only:
-            atomic_write_text(out / "tokenizer.json", json.dumps(tok_info, indent=2))
+            write_tokenizer_json(out, tok_info)
         if cfg.fit_only:
             return {"out": str(out), "index": None, "this_run": stats, "seconds": 0.0, "fit_only": True}
         encode = Encoder(tok, device, cfg.batch_size)
-        mine = units[cfg.rank :: cfg.world_size]
-        todo = [] if cfg.index_only else [u for u in mine if finished_store_part(out, u) is None]
+        todo = [] if cfg.index_only else [u for u in mine(units, cfg.rank, cfg.world_size) if finished_store_part(out, u) is None]
         with tqdm(unit="record", desc=f"store[{cfg.rank}/{cfg.world_size}]", file=sys.stderr, dynamic_ncols=True,
                   disable=not cfg.progress or not todo) as bar:
             for unit in todo:
-                for p in (out / PARTS).glob(f".{glob.escape(unit.name)}.json.tmp.*"):
-                    p.unlink(missing_ok=True)
+                clear_unit(out, unit.name)  # a dead run's part temp file (its images/records: build_store_unit)
                 part = build_store_unit(unit, cfg, hole_ratio, encode, pool, bar)
                 stats["units"] += 1
                 stats["images"] += part["images"]
@@ -546,5 +538,6 @@ def open_store(root: str | Path) -> Store:
                  cat["second"].astype(np.int64), image_first)
 
 
-__all__ = ["Record", "Store", "StoreError", "parse_record_line", "iter_records", "build_store", "run_store",
+__all__ = ["Record", "Store", "StoreError", "parse_record_line", "iter_records", "build_store", "run_store", "write_unit",
+           "write_store_index",
            "store_summary", "open_store", "STORE_FORMAT"]
