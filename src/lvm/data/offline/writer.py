@@ -156,14 +156,22 @@ def finished_part(out: Path, unit: Unit) -> dict | None:
 # The index and the report
 
 
-def write_index(out: Path, units: list[Unit], tok_info: dict) -> dict | None:
-    """index.json + report.json once every unit is finished; None while some are not."""
+def finished_parts(out: Path, units: list[Unit], finished=finished_part) -> list[dict] | None:
+    """The part report of every unit (`finished(out, unit)`), or None while some unit is not finished."""
     parts = []
     for u in units:
-        part = finished_part(out, u)
+        part = finished(out, u)
         if part is None:
             return None
         parts.append(part)
+    return parts
+
+
+def write_index(out: Path, units: list[Unit], tok_info: dict) -> dict | None:
+    """index.json + report.json once every unit is finished; None while some are not."""
+    parts = finished_parts(out, units)
+    if parts is None:
+        return None
     totals = {split: {"sentences": 0, "images": 0, "tokens": 0, "shards": 0, "bytes": 0} for split in SPLITS}
     shards = {split: [] for split in SPLITS}
     skipped = []
@@ -224,4 +232,4 @@ def summary_line(s: dict) -> str:
 
 __all__ = ["PARTS", "INDEX_FORMAT", "is_val", "open_output", "check_settings", "write_tokenizer_json",
            "remove_temp_files", "unit_files", "clear_unit", "UnitOutput", "part_path", "unit_record", "write_part",
-           "finished_part", "write_index", "summary_line"]
+           "finished_part", "finished_parts", "write_index", "summary_line"]
