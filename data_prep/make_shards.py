@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lvm.data.derive import DEFAULT_HOLE_RATIO
 from lvm.data.offline.config import BuildConfig
 from lvm.data.offline.pipeline import build_shards
 from lvm.data.offline.writer import summary_line
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--store", action="store_true",
                    help="write an image-level token store of records (images, pairs; lvm.data.store) for data_prep/compose.py")
-    p.add_argument("--hole-ratio", type=float, default=0.3,
+    p.add_argument("--hole-ratio", type=float, default=DEFAULT_HOLE_RATIO,
                    help="--store: share of inpainting inputs with one square hole (the others: 32-px patches masked)")
     return p.parse_args(argv)
 
