@@ -87,19 +87,17 @@ def run_build(**cfg) -> dict:
 
 
 def decode_alone(tars: list[Path], workers: int) -> float:
-    """images/s of the decode stage alone: the same tasks the build sends to its workers."""
-    import multiprocessing as mp
+    """images/s of the decode stage alone: the build's own decoded stream of each tar, nothing encoded."""
+    from lvm.data.offline.config import BuildConfig
+    from lvm.data.offline.decode import decode_pool, decoded_stream
+    from lvm.data.offline.units import plan_units
 
-    from lvm.data.offline.decode import SAMPLES_PER_TASK, decode_samples, ordered_map, task_batches
-    from lvm.data.offline.sources.webdataset import iter_samples
-
-    pool = mp.get_context("forkserver").Pool(workers) if workers else None
+    cfg = BuildConfig(workers=workers)
+    pool = decode_pool(workers)
     try:
         t, n = time.perf_counter(), 0
-        for tar in tars:
-            tasks = ((g, "squash") for g in task_batches(iter_samples(str(tar)), SAMPLES_PER_TASK))
-            for group in ordered_map(pool, decode_samples, tasks, 2 * max(workers, 1) + 2):
-                n += sum(1 for x in group if isinstance(x, tuple))
+        for unit in plan_units([str(tar) for tar in tars]):
+            n += sum(1 for x in decoded_stream(unit, cfg, pool) if isinstance(x, tuple))
         return n / (time.perf_counter() - t)
     finally:
         if pool:
