@@ -1,6 +1,8 @@
 import json
 
-from lvm.data.offline.sources.manifest import manifest_from_tree, read_manifest
+from lvm.data.offline.sources import Skip
+from lvm.data.offline.sources.manifest import manifest_from_tree, read_manifest, unit_sentences
+from lvm.data.offline.units import plan_units
 from lvm.data.synth import CorpusSize, make_corpus
 
 
@@ -35,6 +37,16 @@ def test_duplicate_ids_are_skipped(tmp_path):
     (tmp_path / "m.jsonl").write_text(line + "\n" + line + "\n")
     m = read_manifest(tmp_path / "m.jsonl")
     assert len(m.sentences) == 1 and "duplicate" in m.skipped[0].reason
+
+
+def test_unit_source_yields_chunks_with_their_lines_fields_or_a_skip(tmp_path):
+    line = {"id": "p", "kind": "pairs", "images": [f"{i}.png" for i in range(20)], "task": "seg", "dataset": "ade"}
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
+    [chunks] = list(unit_sentences(plan_units([str(tmp_path / "m.jsonl")])[0], max_images=16))
+    assert [c.id for c in chunks] == ["p#0", "p#1"]
+    assert all(c.fields["task"] == "seg" and c.fields["dataset"] == "ade" for c in chunks)
+    gone = plan_units([str(tmp_path / "{m,missing}.jsonl")])[1]
+    assert [(s.source, s.reason) for s in unit_sentences(gone) if isinstance(s, Skip)] == [(gone.path, "file not found")]
 
 
 def test_tree_manifest_covers_every_kind(tmp_path):
