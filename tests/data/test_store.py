@@ -123,3 +123,21 @@ def test_make_shards_store_cli(labelled, small_tokenizer, tmp_path):
     assert "records" in r.stdout and "skipped 1" in r.stdout
     r = subprocess.run([*args, "--workers", "0", "--hole-ratio", "0.2"], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:") and "hole_ratio" in r.stderr
+
+
+def test_a_unit_cut_short_is_redone_to_the_same_bytes(labelled, small_tokenizer, tmp_path, monkeypatch):
+    kw = dict(part_bytes=900)
+    out = tmp_path / "s"
+    build_store(store_config(labelled, out, small_tokenizer, **kw))
+    ref = tree_bytes(out)
+    units = json.loads((out / "store.json").read_text())["units"]
+    victim = units[len(units) // 2]
+    # what a kill leaves mid-unit: its images written, its records and mark not, a temp file; no index yet
+    (out / ".parts" / f"{victim}.json").unlink()
+    (out / "records" / f"{victim}.arrow").unlink()
+    (out / "records" / f".{victim}.arrow.tmp.4242").write_bytes(b"partial")
+    (out / "store.json").unlink()
+    counter = CountingEncode(monkeypatch)
+    build_store(store_config(labelled, out, small_tokenizer, **kw))
+    assert 0 < counter.images < json.loads((out / "store.json").read_text())["images"]  # only that unit again
+    assert tree_bytes(out) == ref
