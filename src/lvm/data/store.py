@@ -60,6 +60,7 @@ from lvm.data.offline.sources.manifest import parse_line
 from lvm.data.offline.units import InputError, Unit, mine, plan_units, read_lines
 from lvm.data.offline.writer import (
     clear_unit,
+    finished_parts,
     open_output,
     part_path,
     remove_temp_files,
@@ -365,12 +366,9 @@ def _fingerprint(cfg: BuildConfig, hole_ratio: float) -> dict:
 
 def write_store_index(out: Path, units: list[Unit], tok_info: dict) -> dict | None:
     """store.json, tokenizer.json and report.json once every unit is finished; None while some are not."""
-    parts = []
-    for u in units:
-        part = finished_store_part(out, u)
-        if part is None:
-            return None
-        parts.append(part)
+    parts = finished_parts(out, units, finished_store_part)
+    if parts is None:
+        return None
     totals: dict[str, dict[str, int]] = {"image": {}, "pair": {}}
     for p in parts:
         for kind, groups in p["groups"].items():
