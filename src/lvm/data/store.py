@@ -9,13 +9,14 @@
     STORE/tokenizer.json, STORE/store.json (units and counts), STORE/report.json (every skipped record and why)
 
 Both tables are Arrow IPC files (feather v2, read memory-mapped). Units of work, ranks, resume and the embedded
-tokenizer's fit are those of make_shards (`lvm.data.build`, `lvm.data.units`): unit u writes its two files and then
+tokenizer's fit are those of make_shards (`lvm.data.offline`): unit u writes its two files and then
 `.parts/<u>.json`, the mark of a finished unit; a rerun skips finished units; `store.json` is written once every
 unit is finished (by rank 0, or `--index-only`). Within a unit an image used by several records (an input shared
 by several tasks, a derived input and its label) is decoded and encoded once: its key names the file and how it
 was made (`image:`, `colorization:`, `inpainting:<record id>:`, `segmentation:<dataset>:`, `depth:`, `normals:`).
 
-Manifest lines (paths relative to the manifest, as in `lvm.data.manifest`; the keys below are read only here):
+Manifest lines (paths relative to the manifest, as in `lvm.data.offline.sources.manifest`; the keys below are
+read only here):
 
     {"images": ["a.jpg"], "kind": "image", "category": "dog", "id": "..."}              a single image
     {"images": ["a.jpg"], "kind": "image", "derive": "colorization", "id": "..."}       a pair (grey a, a)
