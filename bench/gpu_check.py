@@ -19,11 +19,13 @@
    max_memory_allocated / max_memory_reserved for that setting vs the trainer's torch.cuda counters).
    `python bench/bench_plan.py --gpu` checks the planner's whole matrix (ZeRO-2/3 x checkpointing x micro-batch).
 4. Evaluate (`launch/evaluate.py`, also under torchrun with 2 processes where 2 GPUs exist) and generate
-   (`launch/generate.py`) on the GPU, with the model of 5.
-5. A learning proof: the 100m preset trained for about 110 seconds on a corpus of 800 synthetic videos of
-   16 frames (moving shapes; 40 held out by make_shards' split), then the held-out perplexity of the next
-   frame vs the number of context frames (0 ... 15). It should fall clearly with context (the paper:
-   62.1 -> 48.4 from 1 to 11 frames); the tiny CPU demo cannot show this (it stays at the unigram loss).
+   (`launch/generate.py`, prompted and unprompted) on the GPU, with the model of 5.
+5. A learning proof: `make demo`'s recipe and checks (`lvm.eval.learning`) scaled to the GPU: the `demo` model with
+   8 windows of 1024 tokens per step for 1,500 steps (20x the CPU demo's tokens) on 800 synthetic videos of 8
+   frames (moving shapes; 40 held out by make_shards' split); then the demo's checks, asserted: final training loss
+   >= 2 nats below the unigram entropy, held-out perplexity of the next frame with 3 context frames <= half of that
+   with none and never rising with more frames, and frame 4 of a held-out clip generated from its first 3 frames
+   closer (PSNR) to the truth than one generated without them (the paper: 62.1 -> 48.4 from 1 to 11 frames).
 6. Three fixes only a GPU shows, one row each, asserted (the row fails otherwise):
    - RNG state on resume (`lvm.train.checkpoint`): seeded, `gather_rng_states()`, a CUDA draw, `set_rng_state(...,
      rank=0)`, the same draw again; rank 1's entry restored onto device 0 (a process that sees one GPU); an older
@@ -68,6 +70,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import print_table  # noqa: E402
 
+try:
+    from lvm.eval.learning import CPU_RECIPE, GPU_RECIPE, Recipe
+except ImportError:  # reported by no_gpu_reason with the rest of what is missing
+    CPU_RECIPE = GPU_RECIPE = Recipe = None
+
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 GIB = 2**30
 
@@ -81,19 +88,15 @@ class Sizes:
     steps: int = 20
     log_every: int = 10
     corpus_videos: int = 800
-    learn_model: str = "100m"
-    learn_micro: int = 8
-    learn_seconds: float = 110.0
-    learn_log_every: int = 50
-    learn_lr: str = "1e-3"
+    corpus_frames: int = 8
+    learn: Recipe = GPU_RECIPE
     precision: str = "bf16"
     workers: int = 8
     options: tuple = ("sdpa", "flash_attention_2", "liger", "compile", "all")
     packing_model: str = "100m"
 
 
-SMOKE = Sizes(models=(("tiny", 2),), seq=512, steps=4, log_every=2, corpus_videos=40, learn_model="tiny", learn_micro=2,
-              learn_seconds=5.0, learn_log_every=1, learn_lr="2e-3", precision="fp32", workers=2, options=("sdpa",),
+SMOKE = Sizes(models=(("tiny", 2),), seq=512, steps=4, log_every=2, corpus_videos=40, learn=CPU_RECIPE.scaled(1, 4), precision="fp32", workers=2, options=("sdpa",),
               packing_model="tiny")
 
 
@@ -648,8 +651,8 @@ def step_encode_and_shards(rep: Report, out: Path, sz: Sizes, cuda: bool) -> tup
 
     shutil.rmtree(shards, ignore_errors=True)
     t = time.perf_counter()
-    manifest = video_corpus(corpus, sz.corpus_videos, max(2, min(16, os.cpu_count() or 2)))
-    rep.row("2 offline", f"synthetic video corpus ({sz.corpus_videos} videos x 16 frames)", f"{time.perf_counter() - t:.1f} s",
+    manifest = video_corpus(corpus, sz.corpus_videos, max(2, min(16, os.cpu_count() or 2)), frames=sz.corpus_frames)
+    rep.row("2 offline", f"synthetic video corpus ({sz.corpus_videos} videos x {sz.corpus_frames} frames)", f"{time.perf_counter() - t:.1f} s",
             "lvm.data.synth shapes, libx264")
     cmd = ["make", "-o", "venv", "-o", ".venv/.installed", "shards", f"PY={sys.executable}", f"INPUT={manifest}",
            f"SHARDS={shards}", f"WORKERS={sz.workers}"]
@@ -669,42 +672,28 @@ def step_encode_and_shards(rep: Report, out: Path, sz: Sizes, cuda: bool) -> tup
 
 # ---------------------------------------------------------------------------------------------- 4 + 5
 def step_learn_eval_generate(rep: Report, out: Path, sz: Sizes, shards: Path, manifest: Path, cuda: bool) -> None:
+    """The demo's learning proof with the demo's recipe scaled to the GPU (`lvm.eval.learning.GPU_RECIPE`): train,
+    evaluate the context curve, generate the next frame of a held-out clip with and without its first frames; the
+    demo's checks are asserted (with --smoke they are reported only: a few CPU steps learn nothing)."""
     import shutil
 
     import torch
 
-    run_dir = out / "runs" / f"learn-{sz.learn_model}"
+    recipe = sz.learn
+    run_dir = out / "runs" / "learn"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "launch/pretrain.py", "--model", sz.learn_model, "--data", str(shards), "--output", str(run_dir),
-           "--ds_config", "ds_configs/zero2.json", "--seq-len", str(sz.seq), "--micro-batch", str(sz.learn_micro),
-           "--max-steps", str(10**6), "--lr-schedule", "constant", "--warmup-steps", "50" if cuda else "1",
-           "--lr", sz.learn_lr, "--log-every", str(sz.learn_log_every), "--eval-every", "0", "--save-every", str(10**9),
-           "--resume", "none", "--precision", sz.precision, "--seed", "0"]
-    p = Proc(cmd, out / "logs" / "learn.log", {"MASTER_PORT": str(free_port())})
-    start = time.perf_counter()
-    stepped = False
-    while True:  # train for learn_seconds of wall time (and at least one logged step), then SIGTERM: save and stop
-        line = p.next_line(1.0)
-        if line is None:
-            break
-        if "] step " in line:
-            stepped = True
-        if stepped and time.perf_counter() - start >= sz.learn_seconds:
-            p.signal(signal.SIGTERM)
-            break
-        if time.perf_counter() - start > sz.learn_seconds + 300:
-            break
-    rc = p.wait(300)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").is_file() else []
-    rows = [r for r in rows if r.get("split") == "train" and r.get("loss") is not None]
-    if rc != 0 or not rows or not (run_dir / "checkpoints" / "latest").is_file():
-        rep.fail("5 learning", f"{sz.learn_model} training", p.tail())
+    cmd = [sys.executable, "launch/pretrain.py", *recipe.pretrain_flags(str(shards), str(run_dir)), "--resume", "none",
+           "--precision", sz.precision]
+    rc, dt, p = run(cmd, out / "logs" / "learn.log", timeout=900, env={"MASTER_PORT": str(free_port())})
+    rows = [r for r in read_rows(run_dir / "metrics.jsonl") if r.get("split") == "train" and r.get("loss") is not None]
+    if rc != 0 or not rows:
+        rep.fail("5 learning", f"{recipe.model} training", p.tail())
         return
     tps = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]
-    rep.row("5 learning", f"{sz.learn_model} on the video corpus, seq {sz.seq}, micro {sz.learn_micro}, lr {sz.learn_lr} constant",
-            f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}",
-            f"{rows[-1]['step']} steps in {p.seconds():.0f} s ({np.median(tps):,.0f} tok/s); stopped by SIGTERM, checkpoint saved")
-    rep.data["learning"] = {"train": [(r["step"], r["loss"]) for r in rows], "seconds": p.seconds()}
+    rep.row("5 learning", f"{recipe.model} on the video corpus: the demo's recipe, seq {recipe.seq_len}, micro {recipe.micro_batch}, "
+            f"lr {recipe.lr:g} cosine to {recipe.lr * recipe.final_lr_ratio:g}", f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}",
+            f"{rows[-1]['step']} steps in {dt:.0f} s ({np.median(tps):,.0f} tok/s)")
+    rep.data["learning"] = {"train": [(r["step"], r["loss"]) for r in rows], "seconds": dt}
 
     ev = out / "eval"
     rc, dt, pe = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(run_dir), "--data", str(shards), "--split", "val",
@@ -715,15 +704,6 @@ def step_learn_eval_generate(rep: Report, out: Path, sz: Sizes, shards: Path, ma
     res = json.loads((ev / "eval.json").read_text())
     rep.row("4 eval", "launch/evaluate.py (held-out videos, 1 process)", f"{dt:.1f} s",
             f"perplexity {res['perplexity']:.1f} over {res['tokens']:,} tokens")
-    curve = {int(k): v for k, v in res["perplexity_by_context_frames"].items()}
-    rep.data["learning"]["perplexity_by_context_frames"] = curve
-    if curve:
-        ks = sorted(curve)
-        shown = ", ".join(f"{k}: {curve[k]:.1f}" for k in ks)
-        falls = len(ks) > 2 and curve[ks[-1]] < 0.9 * curve[1] and curve[1] < curve[0]
-        rep.row("5 learning", "held-out next-frame perplexity vs context frames", shown,
-                ("falls with context" if falls else "does NOT fall clearly") + " (paper: 62.1 -> 48.4 from 1 to 11)")
-        rep.data["learning"]["falls"] = bool(falls)
     if cuda and torch.cuda.device_count() >= 2:
         ev2 = out / "eval_2proc"
         rc, dt, p2 = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
@@ -738,19 +718,61 @@ def step_learn_eval_generate(rep: Report, out: Path, sz: Sizes, shards: Path, ma
                     f"perplexity {two['perplexity']:.2f} ({'equals' if same else 'DIFFERS from'} 1 process)")
     else:
         rep.row("4 eval", "launch/evaluate.py under torchrun, 2 GPUs", "n/a", "one GPU here")
-    prompt = prompt_frames(shards, manifest, out / "prompt", n=4)
-    if prompt is None:
-        rep.fail("4 generate", "prompt frames", "no held-out video to prompt with")
-        return
-    gen = out / "generated"
-    rc, dt, pg = run([sys.executable, "launch/generate.py", "--checkpoint", str(run_dir), "--prompt", *map(str, prompt),
-                      "--out", str(gen), "--temperature", "0.8", "--top-k", "50", "--seed", "0"],
-                     out / "logs" / "generate.log", timeout=600)
-    if rc != 0 or not (gen / "generated_0.png").is_file():
-        rep.fail("4 generate", "launch/generate.py", pg.tail())
-        return
-    rep.row("4 generate", "launch/generate.py: next frame of a held-out video from 4 frames", f"{dt:.1f} s",
-            f"{gen / 'grid.png'} (includes loading the model and the tokenizer)")
+    psnr = generate_with_and_without_prompt(rep, out, run_dir, shards, manifest)
+    learning_verdict(rep, rows, res, shards, psnr, asserted=cuda)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def generate_with_and_without_prompt(rep: Report, out: Path, run_dir: Path, shards: Path, manifest: Path) -> tuple | None:
+    """Frame PROMPT_FRAMES+1 of a held-out clip generated from its first frames and from nothing (the demo's
+    sampling); (prompted, unprompted) PSNR against the tokenized truth, or None."""
+    from lvm.eval.learning import PROMPT_FRAMES
+
+    prompt = prompt_frames(shards, manifest, out / "prompt", n=PROMPT_FRAMES + 1)
+    if prompt is None or len(prompt) <= PROMPT_FRAMES:
+        rep.fail("4 generate", "prompt frames", f"no held-out video of more than {PROMPT_FRAMES} frames to prompt with")
+        return None
+    sampling = ["--seed", "0", "--temperature", "1.0", "--top-k", "100", "--num-samples", "4", "--truth", str(prompt[-1])]
+    psnr = []
+    for name, given in (("generated", ["--prompt", *map(str, prompt[:-1])]), ("generated_unprompted", ["--unconditional"])):
+        gen = out / name
+        rc, dt, pg = run([sys.executable, "launch/generate.py", "--checkpoint", str(run_dir), *given, "--out", str(gen), *sampling],
+                         out / "logs" / f"{name}.log", timeout=600)
+        if rc != 0 or not (gen / "generation.json").is_file():
+            rep.fail("4 generate", f"launch/generate.py ({name})", pg.tail())
+            return None
+        psnr.append(json.loads((gen / "generation.json").read_text())["psnr_tokenized_truth"])
+        rep.row("4 generate", f"launch/generate.py: frame {PROMPT_FRAMES + 1} of a held-out video, "
+                + (f"from {PROMPT_FRAMES} frames" if given[0] == "--prompt" else "unprompted"), f"{dt:.1f} s",
+                f"{gen / 'grid.png'}, 4 samples (includes loading the model and the tokenizer)")
+    return tuple(psnr)
+
+
+def learning_verdict(rep: Report, train_rows: list[dict], eval_result: dict, shards: Path, psnr: tuple | None,
+                     asserted: bool) -> None:
+    """The demo's checks (`lvm.eval.learning`), one row each; a failed check fails the step where `asserted`."""
+    from lvm.data.shards import load_sentences
+    from lvm.eval.learning import final_loss, generation_check, learning_checks
+    from lvm.eval.perplexity import unigram_entropy
+
+    curve = {int(k): v for k, v in eval_result["perplexity_by_context_frames"].items()}
+    rep.data["learning"]["perplexity_by_context_frames"] = curve
+    if curve:
+        rep.row("5 learning", "held-out next-frame perplexity vs context frames",
+                ", ".join(f"{k}: {curve[k]:.1f}" for k in sorted(curve)), "paper: 62.1 -> 48.4 from 1 to 11 frames")
+    final, _ = final_loss(train_rows)
+    checks = learning_checks(final, unigram_entropy(load_sentences(shards / "train")), curve)
+    if psnr is not None:
+        checks.append(generation_check(*psnr))
+    rep.data["learning"]["checks"] = [c._asdict() for c in checks]
+    for c in checks:
+        if c.ok or not asserted:
+            rep.row("5 learning", c.what, "yes" if c.ok else "no", "" if asserted else "--smoke: reported, not asserted")
+        else:
+            rep.fail("5 learning", c.what, "the demo's learning check failed on the GPU")
 
 
 def prompt_frames(shards: Path, manifest: Path, folder: Path, n: int) -> list[Path] | None:

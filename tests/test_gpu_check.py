@@ -137,3 +137,27 @@ def test_a_compile_fallback_fails_its_row():
     assert rep.failed == [f"6 compile: {rep.rows[2][1]}"], rep.rows
     assert rep.rows[2][2] == "failed" and rep.rows[2][3].startswith("fell back: --compile: torch.compile failed")
     assert "no working compiler here" in rep.rows[2][3]
+
+
+def verdict(tmp_path, curve, asserted, psnr=(13.0, 11.0)):
+    shards = gpu_check.random_source(tmp_path / "shards", 4, frames=4)  # random codes: unigram entropy ~9 nats
+    rep = gpu_check.Report()
+    rep.data["learning"] = {}
+    rows = [{"step": 10 * i, "loss": 9.0 - i} for i in range(1, 7)]  # ends at 3.0
+    gpu_check.learning_verdict(rep, rows, {"perplexity_by_context_frames": {str(k): v for k, v in curve.items()}}, shards,
+                               psnr, asserted)
+    return rep
+
+
+def test_the_learning_step_asserts_the_demo_checks(tmp_path):
+    """Step 5 applies make demo's checks (lvm.eval.learning): a model that learned passes; a flat context curve fails
+    the step on a GPU, and is reported but not asserted by --smoke."""
+    rep = verdict(tmp_path, {0: 1000.0, 1: 100.0, 2: 95.0, 3: 90.0}, asserted=True)
+    assert rep.failed == [] and [r[2] for r in rep.rows[1:]] == ["yes"] * 4, rep.rows
+    flat = {0: 1000.0, 1: 990.0, 2: 985.0, 3: 980.0}
+    rep = verdict(tmp_path / "a", flat, asserted=True, psnr=(10.0, 11.0))
+    assert len(rep.failed) == 2 and all(f.startswith("5 learning: ") for f in rep.failed), rep.failed
+    assert any("3 context frames is 0.98" in f for f in rep.failed) and any("prompt frames" in f for f in rep.failed)
+    rep = verdict(tmp_path / "b", flat, asserted=False)
+    assert rep.failed == [] and [r[2] for r in rep.rows[1:]].count("no") == 1
+    assert all(r[3] == "--smoke: reported, not asserted" for r in rep.rows[1:])

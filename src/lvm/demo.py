@@ -8,9 +8,8 @@ would run. The demo then checks what learning means here and says whether it hel
 - held-out next-frame perplexity with 3 context frames is at most half of that with none, and the curve never
   rises (by more than 5%) as frames are added;
 - the next frame generated from 3 prompt frames is closer (PSNR) to the truth than one generated from nothing.
-It exits 1 when any of them fails. The recipe (docs/learning.md says why each choice): the `demo` preset (tied
-embeddings, one attention head of width 64), 1024-token windows, a high constant-then-cosine learning rate,
-two ranks of one 1024-token window each per step.
+It exits 1 when any of them fails. The checks and the recipe live in `lvm.eval.learning` (shared with
+`make gpu-check` and the convergence test); docs/learning.md says why each choice.
 """
 
 from __future__ import annotations
@@ -21,11 +20,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from lvm.eval.learning import CPU_RECIPE, PROMPT_FRAMES, Check, final_loss, generation_check, learning_checks
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = "data/demo_corpus"
-PROMPT_FRAMES = 3
 
 
 def run(cmd: list[str]) -> None:
@@ -59,10 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--shards", default=None, help="shard folder (default: data/shards, or data/shards-<corpus name>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run", default="runs/demo", help="training run folder (replaced: the demo trains from scratch)")
-    p.add_argument("--model", default="demo", help="model preset")
-    p.add_argument("--steps", type=int, default=600, help="training steps")
-    p.add_argument("--seq-len", type=int, default=1024, help="window length (4 frames)")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine to a tenth of it)")
+    p.add_argument("--model", default=CPU_RECIPE.model, help="model preset")
+    p.add_argument("--steps", type=int, default=CPU_RECIPE.steps, help="training steps")
+    p.add_argument("--seq-len", type=int, default=CPU_RECIPE.seq_len, help="window length (4 frames)")
+    p.add_argument("--lr", type=float, default=CPU_RECIPE.lr, help="peak learning rate (cosine to a tenth of it)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (processes) on a CPU machine")
     p.add_argument("--skip-train", action="store_true", help="stop after making shards")
     a = p.parse_args(argv)
@@ -113,15 +114,13 @@ def train(a) -> float:
         shutil.rmtree(REPO / a.run)
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     t0 = time.perf_counter()
+    recipe = replace(CPU_RECIPE, model=a.model, steps=a.steps, seq_len=a.seq_len, lr=a.lr)
     run([deepspeed, "--num_gpus", str(ranks), "--master_port", "29561", "launch/pretrain.py",
-         "--ds_config", "ds_configs/zero2.json", "--model", a.model, "--data", a.shards, "--output", a.run,
-         "--seq-len", str(a.seq_len), "--micro-batch", "1", "--max-steps", str(a.steps), "--warmup-steps", "30",
-         "--lr", str(a.lr), "--min-lr", str(a.lr / 10), "--log-every", "10", "--eval-every", str(max(1, a.steps // 4)),
-         "--eval-max-sentences", "64", "--save-every", str(a.steps), "--seed", str(a.seed)])
+         *recipe.pretrain_flags(a.shards, a.run, a.seed)])
     return time.perf_counter() - t0
 
 
-def evaluate(a, train_s: float) -> list[tuple[bool, str]]:
+def evaluate(a, train_s: float) -> list[Check]:
     """Perplexity vs context on the held-out sentences, the loss curve, and the learning checks they carry."""
     from lvm.data.shards import load_sentences
     from lvm.eval.perplexity import unigram_entropy
@@ -134,11 +133,10 @@ def evaluate(a, train_s: float) -> list[tuple[bool, str]]:
     res = json.loads((REPO / out / "eval.json").read_text())
     unigram = unigram_entropy(load_sentences(REPO / a.shards / "train"))
     train_rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
-    last = train_rows[-max(1, len(train_rows) // 10):]  # the last tenth of the logged steps
-    final = sum(r["loss"] for r in last) / len(last)
+    final, n_last = final_loss(train_rows)
     plot_losses(run_dir, run_dir / "loss.png", reference=unigram, wall_s=train_s)
     print(f"\nTraining took {train_s / 60:.1f} min. Training loss {train_rows[0]['loss']:.3f} (step {train_rows[0]['step']}) "
-          f"-> {final:.3f} (mean of the last {len(last)} logged steps); unigram entropy of the training tokens "
+          f"-> {final:.3f} (mean of the last {n_last} logged steps); unigram entropy of the training tokens "
           f"{unigram:.3f} nats, so the model is {unigram - final:.2f} nats below it.")
     print(f"Held-out perplexity {res['perplexity']:.1f}; by kind: "
           + ", ".join(f"{k} {v:.1f}" for k, v in res["perplexity_by_kind"].items()))
@@ -147,20 +145,10 @@ def evaluate(a, train_s: float) -> list[tuple[bool, str]]:
     for k, v in curve.items():
         print(f"{k:>14} | {v:10.1f}")
     print(f"plots: {out / 'context_frames.png'}, {Path(a.run) / 'loss.png'}")
-    checks = [(unigram - final >= 2.0, f"final training loss {final:.2f} is >= 2 nats below the unigram entropy {unigram:.2f}")]
-    if 0 in curve and PROMPT_FRAMES in curve:
-        ratio = curve[PROMPT_FRAMES] / curve[0]
-        checks.append((ratio <= 0.5, f"perplexity with {PROMPT_FRAMES} context frames is {ratio:.2f} x that with none (<= 0.5)"))
-        ks = sorted(curve)
-        rises = [k for k, k1 in zip(ks, ks[1:], strict=False) if curve[k1] > 1.05 * curve[k]]
-        checks.append((not rises, "the context curve never rises as frames are added"
-                       + (f" (it rises after {rises})" if rises else "")))
-    else:
-        checks.append((False, f"no held-out clip has {PROMPT_FRAMES + 1} frames inside the window: no context curve to check"))
-    return checks
+    return learning_checks(final, unigram, curve)
 
 
-def generate(a) -> list[tuple[bool, str]]:
+def generate(a) -> list[Check]:
     """The next frame of a held-out clip from its first frames, and from no prompt; PSNR of each against the truth."""
     from PIL import Image
 
@@ -173,7 +161,7 @@ def generate(a) -> list[tuple[bool, str]]:
     held_out = [str(i) for i, k, n in zip(val.ids, val.kinds, val.image_counts(len(val)), strict=True)
                 if k == "video" and n > PROMPT_FRAMES]
     if not held_out:
-        return [(False, f"no held-out video of more than {PROMPT_FRAMES} frames to prompt with")]
+        return [Check(False, f"no held-out video of more than {PROMPT_FRAMES} frames to prompt with")]
     manifest = read_manifest(REPO / a.corpus / "manifest.jsonl")
     by_id = {s.id: s for s in manifest.sentences}
     sentence = by_id.get(held_out[0]) or by_id[held_out[0].split("#")[0]]
@@ -198,8 +186,7 @@ def generate(a) -> list[tuple[bool, str]]:
           f"generated from its first {PROMPT_FRAMES} frames {p1:.2f} dB, from no prompt {p0:.2f} dB (means of 4 samples) "
           f"(the tokenizer itself reaches {prompted['psnr_tokenizer']:.2f} dB).\n"
           f"grids (prompt | generated | truth): {gen / 'grid.png'}, {gen0 / 'grid.png'}")
-    return [(p1 > p0, f"the frame generated from {PROMPT_FRAMES} prompt frames is closer to the truth ({p1:.2f} dB) "
-             f"than one generated without them ({p0:.2f} dB)")]
+    return [generation_check(p1, p0)]
 
 
 if __name__ == "__main__":
