@@ -10,6 +10,7 @@ from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 gpu_check = pytest.importorskip("gpu_check")
+from gpu_checks import data, fixes, learning, packing, report, throughput  # noqa: E402
 
 
 def test_without_a_gpu_one_line_and_exit_2():
@@ -28,32 +29,32 @@ def test_without_a_gpu_one_line_and_exit_2():
 
 def test_table_replaces_only_the_marked_block(tmp_path):
     md = tmp_path / "benchmarks.md"
-    md.write_text(f"# Benchmarks\n\nCPU table\n\n## GPU check\n\n{gpu_check.BEGIN}\nold\n{gpu_check.END}\n\nafter\n")
-    gpu_check.put_in_benchmarks(md, "| a | b |\n")
+    md.write_text(f"# Benchmarks\n\nCPU table\n\n## GPU check\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    report.put_in_benchmarks(md, "| a | b |\n")
     text = md.read_text()
     assert "old" not in text and "| a | b |" in text and text.startswith("# Benchmarks\n\nCPU table") and text.endswith("\nafter\n")
-    gpu_check.put_in_benchmarks(md, "| c |\n")
-    assert md.read_text().count(gpu_check.BEGIN) == 1 and "| c |" in md.read_text() and "| a | b |" not in md.read_text()
+    report.put_in_benchmarks(md, "| c |\n")
+    assert md.read_text().count(report.BEGIN) == 1 and "| c |" in md.read_text() and "| a | b |" not in md.read_text()
     fresh = tmp_path / "none.md"
     fresh.write_text("# Benchmarks\n")
-    gpu_check.put_in_benchmarks(fresh, "| x |\n")
+    report.put_in_benchmarks(fresh, "| x |\n")
     assert "## GPU check (`make gpu-check`)" in fresh.read_text() and "| x |" in fresh.read_text()
-    assert (REPO / "docs" / "benchmarks.md").read_text().count(gpu_check.BEGIN) == 1
+    assert (REPO / "docs" / "benchmarks.md").read_text().count(report.BEGIN) == 1
 
 
 def test_options_follow_what_is_installed():
-    f = gpu_check.option_flags
+    f = throughput.option_flags
     assert f("sdpa", False, False) == ["--attention", "sdpa"]
     assert f("flash_attention_2", False, True) is None and f("liger", True, False) is None
     assert f("all", False, False) is None  # the same as compile
     assert f("compile", True, False) == ["--attention", "flash_attention_2", "--compile"]
     assert f("all", True, True) == ["--attention", "flash_attention_2", "--compile", "--kernels", "liger"]
-    assert gpu_check.describe_option(f("all", True, True)) == "flash_attention_2 + liger + compile"
+    assert throughput.describe_option(f("all", True, True)) == "flash_attention_2 + liger + compile"
 
 
 def packing_report(tmp_path, **kw):
-    rep = gpu_check.Report()
-    gpu_check.step_packing(rep, tmp_path, False, **kw)  # the GPU check's packing proof, on this CPU (sdpa, fp32)
+    rep = report.Report()
+    packing.step_packing(rep, tmp_path, False, **kw)  # the GPU check's packing proof, on this CPU (sdpa, fp32)
     return rep
 
 
@@ -95,22 +96,22 @@ def test_the_three_fix_rows_are_in_a_smoke_report(tmp_path, monkeypatch):
     have their own tests) and the compile row uses dynamo's eager backend, which is quick."""
     import json
 
-    real = gpu_check.compile_check
-    monkeypatch.setattr(gpu_check, "compile_check", lambda device, backend="inductor": real(device, "eager"))
+    real = fixes.compile_check
+    monkeypatch.setattr(fixes, "compile_check", lambda device, backend="inductor": real(device, "eager"))
     monkeypatch.setattr(gpu_check, "step_packing", lambda *a, **k: None)
     monkeypatch.setattr(gpu_check, "step_encode_and_shards", lambda *a, **k: None)
     monkeypatch.setattr(gpu_check, "step_throughput", lambda *a, **k: None)
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert data["failed"] == [] and len(data["rows"]) == 3, data["rows"]
-    for (section, measure), row in zip(FIX_ROWS, data["rows"], strict=True):
+    found = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert found["failed"] == [] and len(found["rows"]) == 3, found["rows"]
+    for (section, measure), row in zip(FIX_ROWS, found["rows"], strict=True):
         assert row[0] == section and row[1].startswith(measure) and row[3].startswith("no GPU (--smoke): "), row
-    assert [r[2] for r in data["rows"]] == ["equal", "stepped", "compiled"]
-    assert "CPU generators" in data["rows"][0][1] and "checked by make gpu-check" in data["rows"][0][3]
-    assert "compiled at the first forward" in data["rows"][2][3]
-    fixes = data["fixes"]
-    assert all(fixes["rng"].values()), fixes["rng"]
-    assert fixes["fused_adamw"]["steps"] == [2.0] and fixes["fused_adamw"]["same_as_uninterrupted"]
+    assert [r[2] for r in found["rows"]] == ["equal", "stepped", "compiled"]
+    assert "CPU generators" in found["rows"][0][1] and "checked by make gpu-check" in found["rows"][0][3]
+    assert "compiled at the first forward" in found["rows"][2][3]
+    checked = found["fixes"]
+    assert all(checked["rng"].values()), checked["rng"]
+    assert checked["fused_adamw"]["steps"] == [2.0] and checked["fused_adamw"]["same_as_uninterrupted"]
     assert "| 6 compile |" in (tmp_path / "gpu_check.md").read_text()
 
 
@@ -120,8 +121,8 @@ def test_rng_check_fails_when_rank_entries_are_mixed_up(monkeypatch):
 
     real = ckpt.set_rng_state
     monkeypatch.setattr(ckpt, "set_rng_state", lambda state, rank=0: real(state, 0))
-    rep = gpu_check.Report()
-    gpu_check.step_fixes(rep, False, compile_backend="eager")
+    rep = report.Report()
+    fixes.step_fixes(rep, False, compile_backend="eager")
     assert rep.failed == [f"6 resume: {rep.rows[0][1]}"], rep.rows
     assert rep.rows[0][2] == "failed" and "rank 1's entry onto this device" in rep.rows[0][3]
 
@@ -132,19 +133,19 @@ def test_a_compile_fallback_fails_its_row():
     def broken(gm, example_inputs):
         raise RuntimeError("no working compiler here")
 
-    rep = gpu_check.Report()
-    gpu_check.step_fixes(rep, False, compile_backend=broken)
+    rep = report.Report()
+    fixes.step_fixes(rep, False, compile_backend=broken)
     assert rep.failed == [f"6 compile: {rep.rows[2][1]}"], rep.rows
     assert rep.rows[2][2] == "failed" and rep.rows[2][3].startswith("fell back: --compile: torch.compile failed")
     assert "no working compiler here" in rep.rows[2][3]
 
 
 def verdict(tmp_path, curve, asserted, psnr=(13.0, 11.0)):
-    shards = gpu_check.random_source(tmp_path / "shards", 4, frames=4)  # random codes: unigram entropy ~9 nats
-    rep = gpu_check.Report()
+    shards = data.random_source(tmp_path / "shards", 4, frames=4)  # random codes: unigram entropy ~9 nats
+    rep = report.Report()
     rep.data["learning"] = {}
     rows = [{"step": 10 * i, "loss": 9.0 - i} for i in range(1, 7)]  # ends at 3.0
-    gpu_check.learning_verdict(rep, rows, {"perplexity_by_context_frames": {str(k): v for k, v in curve.items()}}, shards,
+    learning.learning_verdict(rep, rows, {"perplexity_by_context_frames": {str(k): v for k, v in curve.items()}}, shards,
                                psnr, asserted)
     return rep
 
