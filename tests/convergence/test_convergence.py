@@ -5,9 +5,9 @@ The task (`lvm.data.synth.copy_task`) needs context: frames of 2x2 blocks of 102
 previous one but for 10% of its blocks. Learning it means the training loss goes well below the unigram entropy
 and held-out perplexity falls by more than half once a previous frame is in the context (within a frame only the
 rest of a block is predictable): the checks of `lvm.eval.learning`, as make demo applies them. The negative
-control is the same frames shuffled across sentences, which have nothing to learn from context: it is a second
-source of the same run (half of the windows), so the control has the same model, steps and learning rate, and its
-own loss (logged per source) and held-out curve must not pass.
+control (the same frames shuffled across sentences, the same recipe) has nothing to learn from context and must
+not pass. (A control trained in the same run, as a second source of half of the windows, was tried: the copy was
+then not learned within 400 steps at all, so the control is its own run.)
 
 Learning need not see every defect: packed sentences that attend to each other can still learn the copy (a leak
 only spoils the first frame of a sentence during training; reasoned, not measured here). So the test also checks
@@ -75,7 +75,7 @@ def task(tmp_path_factory):
     }
 
 
-def pretrain(args: list[str], broken: str | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+def pretrain(args: list[str], broken: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     script = ["tests/convergence/broken_pretrain.py", broken] if broken else ["launch/pretrain.py"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            *script, *args]
@@ -93,7 +93,7 @@ def evaluate(run: Path, shards: Path) -> dict:
 
 
 def learning_failures(run: Path, shards: Path) -> list[str]:
-    """What is missing for "the model learned the task" on one source of the run (empty when it did): make demo's
+    """What is missing for "the model learned the task" in a run on `shards` (empty when it did): make demo's
     checks, with a previous frame asked to halve perplexity as well as three."""
     from lvm.data.shards import load_sentences
     from lvm.eval.learning import final_loss, learning_checks
@@ -147,11 +147,10 @@ def chain_failures(trained_hf: Path, packed: Path, run: Path, broken: str | None
 
 @pytest.fixture(scope="module")
 def trained(task, tmp_path_factory):
-    """The copy task and its negative control learned together once (half of the windows each; shared by the checks
-    below), exported to a Hugging Face folder."""
+    """The copy task learned once (shared by the checks below), exported to a Hugging Face folder."""
     run = tmp_path_factory.mktemp("runs") / "copy"
-    pretrain(["--data", str(task["copy"]), str(task["shuffled"]), "--data-weights", "1", "1", "--output", str(run),
-              "--max-steps", str(STEPS), "--save-every", str(STEPS), *RECIPE])
+    pretrain(["--data", str(task["copy"]), "--output", str(run), "--max-steps", str(STEPS), "--save-every", str(STEPS),
+              *RECIPE])
     hf = run.parent / "copy_hf"
     r = subprocess.run([sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(hf)],
                        capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
@@ -165,10 +164,12 @@ def test_the_model_learns_a_task_that_needs_context(task, trained, tmp_path):
     assert chain_failures(hf, task["packed"], tmp_path / "chain") == []
 
 
-def test_the_negative_control_does_not_learn(task, trained):
-    """The shuffled frames, trained on by the same run, learn the blocks within a frame (their loss falls below the
-    unigram entropy too) but nothing from the frames before: their context curve fails."""
-    run, _ = trained
+def test_the_negative_control_does_not_learn(task, tmp_path):
+    """The shuffled frames, trained on with the same recipe, learn the blocks within a frame (their loss may fall
+    below the unigram entropy too) but nothing from the frames before: their context curve fails."""
+    run = tmp_path / "shuffled"
+    pretrain(["--data", str(task["shuffled"]), "--output", str(run), "--max-steps", str(STEPS), "--save-every", str(STEPS),
+              *RECIPE])
     fails = learning_failures(run, task["shuffled"])
     assert any("context frames is" in f for f in fails), fails
 
