@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from lvm.model.presets import PRESETS, count_parameters, model_shape  # noqa: E402
+from lvm.plan.apply import ds_config  # noqa: E402
 from lvm.plan.memory import GiB, Setting, largest_layer_params, model_states, optimizer_state_bytes  # noqa: E402
-from lvm.plan.planner import Plan, Request, ds_config, evaluate, fit_buckets, search  # noqa: E402
+from lvm.plan.search import Plan, Request, evaluate, fit_buckets, search  # noqa: E402
 from lvm.train.optimizers import OPTIMIZERS  # noqa: E402
 
 GPU_MODEL, GPU_SEQ, GPU_STEPS = "300m", 4096, 4

@@ -18,17 +18,9 @@ import sys
 from pathlib import Path
 
 from lvm.model.presets import model_shape
-from lvm.plan.planner import (
-    PlanError,
-    Request,
-    best_per_candidate,
-    ds_config,
-    evaluate_given,
-    plot,
-    report,
-    search,
-    table,
-)
+from lvm.plan.apply import ds_config
+from lvm.plan.report import plot, report, table
+from lvm.plan.search import PlanError, Request, best_per_candidate, evaluate_given, search
 from lvm.train.optimizers import OPTIMIZERS
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lvm.model.presets import model_shape
+from lvm.plan.apply import ds_config
 from lvm.plan.memory import GiB
-from lvm.plan.planner import PlanError, Request, ds_config, search
+from lvm.plan.search import PlanError, Request, search
 from lvm.train.ds_config import resolve
 from lvm.train.options import RunOptions
 
@@ -154,7 +155,7 @@ def test_pretrain_refuses_a_ds_config_that_contradicts_the_plan(train_shards, tm
 
 
 def test_fill_from_plan_respects_flags_and_json():
-    from lvm.plan.planner import fill_from_plan
+    from lvm.plan.apply import fill_from_plan
 
     base = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     base["bf16"] = {"enabled": True}  # planned for a bf16 GPU (this machine has none to ask)
@@ -224,7 +225,7 @@ def test_plan_cli_errors_are_one_line(tmp_path):
 
 def test_fill_from_plan_reads_the_nodes_of_an_srun_job(monkeypatch):
     """Under srun there is no LOCAL_WORLD_SIZE: the nodes come from SLURM's variables, so CPU-offload bytes are per node."""
-    from lvm.plan.planner import plan_request
+    from lvm.plan.apply import plan_request
 
     base = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     base["bf16"] = {"enabled": True}

@@ -71,7 +71,7 @@ def plan(opts: RunOptions, given: set[str]) -> Plan | None:
     given = elastic.keep_global_batch(opts, given, resume)
     ds_raw = load_ds_config(opts.ds_config)
     if opts.gpu_mem_gib is not None:
-        from lvm.plan.planner import fill_from_plan
+        from lvm.plan.apply import fill_from_plan
 
         ds_raw = fill_from_plan(ds_raw, opts, env.world_size, given=given, device=device)
     ds = elastic.resolve_keeping_batch(ds_raw, opts, given, env.world_size, device, resume)
