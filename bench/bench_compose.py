@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from lvm.data.offline.units import Unit  # noqa: E402
-from lvm.data.store import Record, write_store_index, write_unit  # noqa: E402
+from lvm.data.store_build import write_store_index, write_unit  # noqa: E402
+from lvm.data.store_plan import plan_records  # noqa: E402
+from lvm.data.store_records import Record  # noqa: E402
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,17 +41,15 @@ TOKENIZER_INFO = {"spec": "patch-kmeans", "kind": "patch-kmeans", "codebook_size
 def synthetic_store(root: Path, pairs: int, units: int = 4, seed: int = 0) -> Path:
     """A finished store of `pairs` pairs of task "bench" in `units` units, random codes."""
     rng = np.random.default_rng(seed)
-    plan = []
     per = -(-pairs // units)
-    for u in range(units):
-        n = min(per, pairs - u * per)
-        unit = Unit(f"bench{u:03d}", "synthetic", "", size=n)
-        keys = [f"image:x{u}/{i}" if j == 0 else f"image:y{u}/{i}" for i in range(n) for j in (0, 1)]
-        codes = rng.integers(0, CODEBOOK_SIZE, (2 * n, TOKENS_PER_IMAGE), dtype=np.uint16)
-        records = [Record(f"p{u}/{i}", "pair", "bench", "bench", (keys[2 * i], keys[2 * i + 1])) for i in range(n)]
-        write_unit(root, unit, keys, codes, records, [])
-        plan.append(unit)
-    write_store_index(root, plan, TOKENIZER_INFO)
+    plan = [Unit(f"bench{u:03d}", "synthetic", "", size=min(per, pairs - u * per)) for u in range(units)]
+    records = [[Record(f"p{u.name}/{i}", "pair", "bench", "bench", (f"image:x{u.name}/{i}", f"image:y{u.name}/{i}"))
+                for i in range(u.size)] for u in plan]
+    plans = plan_records(records)
+    for unit, p in zip(plan, plans, strict=True):
+        codes = rng.integers(0, CODEBOOK_SIZE, (p.images, TOKENS_PER_IMAGE), dtype=np.uint16)
+        write_unit(root, unit, p, codes, {})
+    write_store_index(root, plan, plans, TOKENIZER_INFO)
     return root
 
 

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                       rank=rank if a.rank is None else a.rank, world_size=world if a.world_size is None else a.world_size,
                       index_only=a.index_only, fit_only=a.fit_only, device=a.device, progress=not a.no_progress)
     if a.store:
-        from lvm.data.store import run_store
+        from lvm.data.store_build import run_store
 
         return run_store(cfg, a.hole_ratio, a.overwrite)
     try:

@@ -7,7 +7,7 @@ import pytest
 from lvm.data.labelled import manifest_from_labelled_tree
 from lvm.data.offline.config import BuildConfig
 from lvm.data.offline.sources.manifest import write_manifest
-from lvm.data.store import build_store
+from lvm.data.store_build import build_store
 from lvm.tokenizer.patch_kmeans import PatchKMeansTokenizer
 from tests.data.labelled_tree import make_labelled_tree
 

@@ -8,7 +8,9 @@ import pyarrow as pa
 import pytest
 
 from lvm.data.derive import colorization_input, default_palette, derive_input, label_frame
-from lvm.data.store import build_store, open_store, parse_record_line
+from lvm.data.store import open_store
+from lvm.data.store_build import build_store
+from lvm.data.store_records import parse_record_line
 from lvm.tokenizer.patch_kmeans import PatchKMeansTokenizer
 from lvm.tokenizer.preprocess import load_image, to_pixels
 from tests.data.conftest import CountingEncode, store_config
@@ -60,10 +62,29 @@ def test_store_holds_every_record_with_its_links(store):
 
 def test_encoder_runs_once_per_distinct_image(store):
     out, summary, counter = store
-    distinct = summary["index"]["images"]
+    rows, failed = summary["index"]["images"], summary["index"]["failed_images"]
+    # the broken annotation keeps its row (zero tokens) and is not encoded
+    assert len(failed) == 1 and open_store(out).keys()[failed[0]].endswith("annotations/training/img07.png")
     # every image of the folder, each label map, each derived input: once, however many records share it
-    assert distinct == (N_IMAGES + 1) + (N_IMAGES - 1) + N_DEPTH + N_NORMALS + 2 * (N_IMAGES + 1) + sum(CATEGORIES.values())
-    assert counter.images == distinct
+    assert rows - 1 == (N_IMAGES + 1) + (N_IMAGES - 1) + N_DEPTH + N_NORMALS + 2 * (N_IMAGES + 1) + sum(CATEGORIES.values())
+    assert counter.images == rows - 1
+
+
+def test_an_image_shared_across_units_is_encoded_once(labelled, small_tokenizer, tmp_path, monkeypatch):
+    img, label = str(labelled / "images/training/img00.jpg"), str(labelled / "annotations/training/img00.png")
+    (tmp_path / "u1.jsonl").write_text(json.dumps({"images": [img], "kind": "image", "category": "x", "id": "a"}) + "\n")
+    (tmp_path / "u2.jsonl").write_text(
+        json.dumps({"images": [f"{labelled}/images/../images/training/img00.jpg", label], "kind": "pairs", "task": "seg",
+                    "label": "segmentation", "id": "b"}) + "\n"
+        + json.dumps({"images": [img], "kind": "image", "derive": "colorization", "id": "c"}) + "\n")
+    counter = CountingEncode(monkeypatch)
+    cfg = store_config(labelled, tmp_path / "s", small_tokenizer)
+    cfg.inputs = [str(tmp_path / "u1.jsonl"), str(tmp_path / "u2.jsonl")]
+    idx = build_store(cfg)["index"]
+    # img00 (unit 1), its label map and its grey copy (unit 2): three images, each encoded once
+    assert idx["unit_images"] == [1, 2] and counter.images == 3
+    s = open_store(tmp_path / "s")
+    assert s.first.tolist() == [0, 0, 2] and s.second.tolist() == [-1, 1, 0]
 
 
 def test_store_tokens_equal_images_tokenized_one_by_one(store, labelled, small_tokenizer):
@@ -74,7 +95,11 @@ def test_store_tokens_equal_images_tokenized_one_by_one(store, labelled, small_t
     tokens = s.gather(np.arange(len(keys)))
     palette = default_palette(labelled.resolve().name)
     assert json.loads((out / "palettes" / f"{labelled.resolve().name}.json").read_text()) == palette.tolist()
-    for k, codes in zip(keys, tokens, strict=True):
+    failed = set(json.loads((out / "store.json").read_text())["failed_images"])
+    for g, (k, codes) in enumerate(zip(keys, tokens, strict=True)):
+        if g in failed:
+            assert not codes.any()
+            continue
         how, path = k.split(":", 1)
         if how == "inpainting":
             rid, path = path.split(":", 1)
@@ -97,13 +122,18 @@ def test_two_ranks_give_the_bytes_of_one_and_resume_skips_finished_units(store, 
     out = tmp_path / "ranked"
     kw = dict(part_bytes=900)  # several units
     one = tmp_path / "one"
+    counter = CountingEncode(monkeypatch)
     build_store(store_config(labelled, one, small_tokenizer, **kw))
-    assert len(json.loads((one / "store.json").read_text())["units"]) > 3
+    index = json.loads((one / "store.json").read_text())
+    assert len(index["units"]) > 3
+    # records of several units share images (an input in segmentation, colorization, inpainting): each encoded once
+    assert index["images"] == json.loads((ref / "store.json").read_text())["images"]
+    assert counter.images == index["images"] - len(index["failed_images"])
     for rank in (1, 0):
         build_store(store_config(labelled, out, small_tokenizer, rank=rank, world_size=2, **kw))
     build_store(store_config(labelled, out, small_tokenizer, index_only=True, world_size=1, **kw))
     assert tree_bytes(out) == tree_bytes(one)
-    counter = CountingEncode(monkeypatch)
+    counter.images = 0
     build_store(store_config(labelled, out, small_tokenizer, **kw))  # everything is finished: nothing is encoded
     assert counter.images == 0 and tree_bytes(out) == tree_bytes(one)
     # the same records however the manifest is cut into units
@@ -130,7 +160,8 @@ def test_a_unit_cut_short_is_redone_to_the_same_bytes(labelled, small_tokenizer,
     out = tmp_path / "s"
     build_store(store_config(labelled, out, small_tokenizer, **kw))
     ref = tree_bytes(out)
-    units = json.loads((out / "store.json").read_text())["units"]
+    index = json.loads((out / "store.json").read_text())
+    units = [u for u, n in zip(index["units"], index["unit_images"], strict=True) if n > 0]
     victim = units[len(units) // 2]
     # what a kill leaves mid-unit: its images written, its records and mark not, a temp file; no index yet
     (out / ".parts" / f"{victim}.json").unlink()
