@@ -34,7 +34,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
-from lvm.data.shards import read_recorded_stats, write_columns  # noqa: E402
+from lvm.data.shards.format import read_recorded_stats, write_columns  # noqa: E402
 from lvm.model.vocab import TOKENS_PER_IMAGE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ TOKENIZER = {"spec": "vqgan:/models/lvm-vqgan", "codebook_size": 8192, "tokens_p
 def make_corpus(root: Path, n_train: int, n_val: int, sentences: int, table: bool = True) -> None:
     """root/{train,val}/u<k>-00000.arrow (hard links of one shard's copies), root/index.json (and index.feather),
     root/tokenizer.json."""
-    from lvm.data.shards import read_recorded_stats, write_shard
+    from lvm.data.shards.format import read_recorded_stats, write_shard
 
     rng = np.random.default_rng(0)
     rows = []
@@ -59,7 +59,7 @@ def make_corpus(root: Path, n_train: int, n_val: int, sentences: int, table: boo
     (root / "index.json").write_text(json.dumps({"format": "lvm-shards/2", "tokenizer": TOKENIZER, "units": n_train,
                                                  "shards": shards}, indent=2))
     if table:  # index.feather, as make_shards writes it beside index.json
-        from lvm.data.shards import write_index_table
+        from lvm.data.shards.index import write_index_table
 
         write_index_table(root / "index.json", shards)
     (root / "tokenizer.json").write_text(json.dumps(TOKENIZER, indent=2))

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
-from lvm.data.shards import write_shard  # noqa: E402
+from lvm.data.shards.format import write_shard  # noqa: E402
 from lvm.model.presets import count_parameters, llama_config  # noqa: E402
 from lvm.train import elastic  # noqa: E402
 

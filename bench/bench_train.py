@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from lvm.data.mixture import DistributedLoader  # noqa: E402
-from lvm.data.packing import SourceWindows, causal_lm_loss  # noqa: E402
-from lvm.data.shards import open_shards, write_shard  # noqa: E402
+from lvm.data.shards.format import write_shard  # noqa: E402
+from lvm.data.shards.shard_set import open_shards  # noqa: E402
+from lvm.data.windows.batch import causal_lm_loss  # noqa: E402
+from lvm.data.windows.source import SourceWindows  # noqa: E402
 from lvm.model.presets import attention_implementation, count_parameters, flops_per_token, llama_config  # noqa: E402
 from lvm.train.engine import build_model, param_groups  # noqa: E402
 from lvm.train.metrics import device_peak_flops  # noqa: E402

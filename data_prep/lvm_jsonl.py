@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from lvm.data.offline.config import BuildConfig
-from lvm.data.shards import KINDS, ShardError
+from lvm.data.shards.format import KINDS, ShardError
 from lvm.launch_env import work_slice
 
 

@@ -69,7 +69,7 @@ def prompts_main(a, env, device) -> int:
     """--prompts: each rank scores every world-th line; rank 0 writes the results of all, in the file's order."""
     from tqdm import tqdm
 
-    from lvm.data.shards import atomic_write_text
+    from lvm.data.shards.format import atomic_write_text
     from lvm.eval.model_io import model_window
     from lvm.eval.prompts import (
         ImageCodes,
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     if a.data and (a.base or a.tokenizer):
         p.error("--base and --tokenizer go with --prompts (shards carry their tokenizer)")
 
-    from lvm.data.shards import ShardError, load_sentences
+    from lvm.data.shards.format import ShardError
+    from lvm.data.shards.shard_set import load_sentences
     from lvm.eval.model_io import ModelLoadError, model_tokenizer_info, run_folder, tokenizer_mismatch
     from lvm.eval.perplexity import Sums, plot, results, score
     from lvm.launch_env import launch_env, local_device

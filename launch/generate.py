@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if a.base and not a.prompts:
         p.error("--base goes with --prompts (--prompt-file paths start from the file's folder)")
 
-    from lvm.data.shards import atomic_write_text
+    from lvm.data.shards.format import atomic_write_text
     from lvm.eval.generate import (
         PromptError,
         Sampling,

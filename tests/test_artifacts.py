@@ -73,7 +73,7 @@ def test_lvm_jsonl_export_and_import_keep_the_tokenizer(made, tmp_path, monkeypa
 
 
 def test_another_tokenizer_is_refused(made, small_tokenizer, tmp_path):
-    from lvm.data.shards import ShardError
+    from lvm.data.shards.format import ShardError
     from lvm.train.data_setup import resolve_sources
 
     a = made["A"]
@@ -96,7 +96,7 @@ def old_style(info: dict, spec: str) -> dict:
 
 def test_older_tokenizer_json_without_a_digest(made, tmp_path):
     from lvm.artifacts import TokenizerRecord
-    from lvm.data.shards import ShardError
+    from lvm.data.shards.format import ShardError
     from lvm.train.data_setup import resolve_sources
 
     a = made["A"]

@@ -14,7 +14,7 @@ except ImportError:  # reported by no_gpu_reason with the rest of what is missin
 
 def random_source(folder: Path, sentences: int, frames: int = 16, seed: int = 0) -> Path:
     """A training source of random video sentences (throughput only), with the tokenizer.json training reads."""
-    from lvm.data.shards import write_shard
+    from lvm.data.shards.format import write_shard
 
     rng = np.random.default_rng(seed)
     rows = [{"tokens": rng.integers(0, 8192, 256 * frames, dtype=np.uint16), "n_images": frames, "kind": "video",
@@ -55,7 +55,7 @@ def prompt_frames(shards: Path, manifest: Path, folder: Path, n: int) -> list[Pa
 
     from lvm.data.offline.decode import decode_sentence
     from lvm.data.offline.sources.manifest import read_manifest
-    from lvm.data.shards import load_sentences
+    from lvm.data.shards.shard_set import load_sentences
 
     val = load_sentences(shards / "val")
     ids = [str(i) for i, k in zip(val.ids, val.kinds, strict=True) if k == "video"]

@@ -99,7 +99,7 @@ def generate_with_and_without_prompt(rep: Report, out: Path, run_dir: Path, shar
 def learning_verdict(rep: Report, train_rows: list[dict], eval_result: dict, shards: Path, psnr: tuple | None,
                      asserted: bool) -> None:
     """The demo's checks (`lvm.eval.learning`), one row each; a failed check fails the step where `asserted`."""
-    from lvm.data.shards import load_sentences
+    from lvm.data.shards.shard_set import load_sentences
     from lvm.eval.learning import final_loss, generation_check, learning_checks
     from lvm.eval.perplexity import unigram_entropy
 

@@ -61,8 +61,9 @@ def step_packing(rep: Report, out: Path, cuda: bool, preset: str = "100m") -> No
     from transformers import LlamaForCausalLM
 
     from lvm.data.mixture import DistributedLoader
-    from lvm.data.packing import SourceWindows
-    from lvm.data.shards import open_shards, write_shard
+    from lvm.data.shards.format import write_shard
+    from lvm.data.shards.shard_set import open_shards
+    from lvm.data.windows.source import SourceWindows
     from lvm.model.attention import flash_attn_unavailable
     from lvm.model.presets import llama_config
 

@@ -110,7 +110,7 @@ def relative_spec(spec: str, folder: str | Path) -> str:
 
 def find_tokenizer_json(shards_root: str | Path) -> Path:
     """tokenizer.json of a shard folder: in it, or one level up (`train/` and `val/` of a make_shards folder)."""
-    from lvm.data.shards import ShardError
+    from lvm.data.shards.format import ShardError
 
     root = Path(shards_root)
     for cand in (root / TOKENIZER_JSON, root.parent / TOKENIZER_JSON):

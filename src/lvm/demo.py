@@ -122,7 +122,7 @@ def train(a) -> float:
 
 def evaluate(a, train_s: float) -> list[Check]:
     """Perplexity vs context on the held-out sentences, the loss curve, and the learning checks they carry."""
-    from lvm.data.shards import load_sentences
+    from lvm.data.shards.shard_set import load_sentences
     from lvm.eval.perplexity import unigram_entropy
     from lvm.train.metrics import plot_losses, read_metrics
 
@@ -154,7 +154,7 @@ def generate(a) -> list[Check]:
 
     from lvm.data.offline.decode import decode_sentence
     from lvm.data.offline.sources.manifest import read_manifest
-    from lvm.data.shards import load_sentences
+    from lvm.data.shards.shard_set import load_sentences
 
     py = sys.executable
     val = load_sentences(REPO / a.shards / "val")

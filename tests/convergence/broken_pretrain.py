@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lvm.data import mixture, packing
+from lvm.data import mixture
+from lvm.data.windows import batch
 from lvm.model.vocab import IGNORE_INDEX
 from lvm.train import trainer
 
@@ -23,7 +24,7 @@ BREAKS = ("labels", "positions", "leak", "repeat")
 
 
 def shift_labels_once_more():
-    original = packing.Batch.model_inputs
+    original = batch.Batch.model_inputs
 
     def model_inputs(self, device=None):
         d = original(self, device)
@@ -33,11 +34,11 @@ def shift_labels_once_more():
         d["shift_labels"] = shifted
         return d
 
-    packing.Batch.model_inputs = model_inputs
+    batch.Batch.model_inputs = model_inputs
 
 
 def positions_never_restart():
-    original = packing.Batch.model_inputs
+    original = batch.Batch.model_inputs
 
     def model_inputs(self, device=None):
         d = original(self, device)
@@ -46,7 +47,7 @@ def positions_never_restart():
             d["position_ids"] = torch.arange(p.shape[1], device=p.device).expand_as(p).contiguous()
         return d
 
-    packing.Batch.model_inputs = model_inputs
+    batch.Batch.model_inputs = model_inputs
 
 
 def sentences_attend_to_each_other():

@@ -95,7 +95,7 @@ def evaluate(run: Path, shards: Path) -> dict:
 def learning_failures(run: Path, shards: Path) -> list[str]:
     """What is missing for "the model learned the task" in a run on `shards` (empty when it did): make demo's
     checks, with a previous frame asked to halve perplexity as well as three."""
-    from lvm.data.shards import load_sentences
+    from lvm.data.shards.shard_set import load_sentences
     from lvm.eval.learning import final_loss, learning_checks
     from lvm.eval.perplexity import unigram_entropy
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lvm.data.compose import ComposeConfig, compose
-from lvm.data.shards import open_shards, read_shard, read_tokenizer_info
+from lvm.data.shards.format import read_shard
+from lvm.data.shards.shard_set import open_shards, read_tokenizer_info
 from lvm.data.store import open_store
 from tests.data.conftest import CountingEncode
 

@@ -11,7 +11,8 @@ import pytest
 
 from lvm.data.offline.config import BuildConfig
 from lvm.data.offline.pipeline import build_shards
-from lvm.data.shards import load_sentences, read_shard
+from lvm.data.shards.format import read_shard
+from lvm.data.shards.shard_set import load_sentences
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "data_prep" / "make_shards.py"

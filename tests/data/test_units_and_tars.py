@@ -17,7 +17,7 @@ from lvm.data.offline.decode import decoded_stream
 from lvm.data.offline.pipeline import build_shards
 from lvm.data.offline.sources import Skip
 from lvm.data.offline.units import InputError, expand_spec, plan_units, read_lines
-from lvm.data.shards import read_shard
+from lvm.data.shards.format import read_shard
 from tests.conftest import scene, write_mp4
 
 REPO = Path(__file__).resolve().parents[2]

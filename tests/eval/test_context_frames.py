@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from lvm.data.shards import open_shards, write_shard
+from lvm.data.shards.format import write_shard
+from lvm.data.shards.shard_set import open_shards
 from lvm.eval.generate import Sampling, fit_prompt, sample_codes
 from lvm.eval.perplexity import results, score
 from lvm.model.presets import llama_config

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lvm.data.shards import load_sentences
+from lvm.data.shards.shard_set import load_sentences
 from lvm.eval.generate import PromptError, Sampling, fit_prompt, sample_codes
 from lvm.model.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from tests.conftest import REPO, scene

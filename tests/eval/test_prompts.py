@@ -74,7 +74,8 @@ def test_target_perplexity_equals_the_sentence_scored_by_perplexity(trained, ima
     """Each scored line's target perplexity is what lvm.eval.perplexity gives the same images as a sentence;
     inputs that do not fit the window next to the targets are cut from the left by whole images; bad lines are
     reported by number, skipped, and keep their place in the results."""
-    from lvm.data.shards import open_shards, write_shard
+    from lvm.data.shards.format import write_shard
+    from lvm.data.shards.shard_set import open_shards
     from lvm.eval.model_io import load_model
     from lvm.eval.perplexity import results, score
     from lvm.eval.prompts import ImageCodes, tokenizer_for

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, LlamaForCausalLM
 
 from lvm.data.mixture import DistributedLoader
-from lvm.data.packing import SourceWindows
-from lvm.data.shards import open_shards, write_shard
+from lvm.data.shards.format import write_shard
+from lvm.data.shards.shard_set import open_shards
+from lvm.data.windows.source import SourceWindows
 from lvm.model.attention import (
     block_causal_mask,
     packed_attention_kwargs,

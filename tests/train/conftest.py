@@ -52,7 +52,8 @@ def read_metrics(run: Path) -> dict[int, dict]:
 @pytest.fixture(scope="session")
 def second_source(train_shards, tmp_path_factory) -> Path:
     """Another source made by the same tokenizer (tokenizer.json equal): single images, train/ and val/."""
-    from lvm.data.shards import read_tokenizer_info, write_shard
+    from lvm.data.shards.format import write_shard
+    from lvm.data.shards.shard_set import read_tokenizer_info
 
     out = tmp_path_factory.mktemp("second") / "laion"
     info = read_tokenizer_info(train_shards)

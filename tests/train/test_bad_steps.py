@@ -26,7 +26,8 @@ POISON = 8191  # a visual code; its embedding row is made infinite
 @pytest.fixture(scope="module")
 def poisoned(train_shards, tmp_path_factory):
     """Shards where every 8th sentence holds the poison code, and a model folder with that row infinite."""
-    from lvm.data.shards import read_tokenizer_info, write_shard
+    from lvm.data.shards.format import write_shard
+    from lvm.data.shards.shard_set import read_tokenizer_info
 
     root = tmp_path_factory.mktemp("poison")
     data = root / "shards"

@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from lvm.data.mixture import DistributedLoader, MixtureWindows
-from lvm.data.packing import SourceWindows
-from lvm.data.shards import open_shards, read_shard, write_shard
+from lvm.data.shards.format import read_shard, write_shard
+from lvm.data.shards.shard_set import open_shards
+from lvm.data.windows.source import SourceWindows
 from tests.train.conftest import base_args, read_metrics, run_train
 
 

@@ -7,8 +7,12 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from lvm.data.mixture import DistributedLoader, MixtureWindows
-from lvm.data.packing import Batch, SourceWindows, best_fit, bin_types, causal_lm_loss, feistel
-from lvm.data.shards import open_shards, write_shard
+from lvm.data.shards.format import write_shard
+from lvm.data.shards.shard_set import open_shards
+from lvm.data.windows.batch import Batch, causal_lm_loss
+from lvm.data.windows.binpack import best_fit, bin_types
+from lvm.data.windows.order import feistel
+from lvm.data.windows.source import SourceWindows
 from lvm.eval.perplexity import sentence_ids, token_losses
 from lvm.model.attention import packed_attention_kwargs
 from lvm.model.presets import llama_config

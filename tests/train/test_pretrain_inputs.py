@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lvm.data.shards import read_shard, write_shard
+from lvm.data.shards.format import read_shard, write_shard
 from tests.train.conftest import base_args, run_train
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lvm.data.packing import SourceWindows
-from lvm.data.shards import SCHEMA, ShardError, open_shards, read_recorded_stats, write_shard
+from lvm.data.shards.format import SCHEMA, ShardError, read_recorded_stats, write_shard
+from lvm.data.shards.shard_set import open_shards
+from lvm.data.windows.source import SourceWindows
 
 
 def rows_for(seed, n, kinds=("image", "video")):
@@ -186,8 +187,9 @@ def test_start_up_stats_no_shard_and_parses_the_index_once(tmp_path, monkeypatch
     import os
     import pathlib
 
-    from lvm.data import shards as shards_mod
     from lvm.data.mixture import DistributedLoader
+    from lvm.data.shards import index, shard_set
+    from lvm.data.shards import shard as shard_file
     from lvm.train.data_setup import build_windows, open_data
 
     out = tmp_path / "out"
@@ -220,9 +222,9 @@ def test_start_up_stats_no_shard_and_parses_the_index_once(tmp_path, monkeypatch
     monkeypatch.setattr(glob, "glob", counted("glob", glob.glob))
     monkeypatch.setattr(glob, "iglob", counted("glob", glob.iglob))
     monkeypatch.setattr(pathlib.Path, "glob", counted("glob", pathlib.Path.glob))
-    monkeypatch.setattr(shards_mod, "parse_index", counted("parse", shards_mod.parse_index))
-    monkeypatch.setattr(shards_mod, "read_recorded_stats", counted("open", shards_mod.read_recorded_stats))
-    monkeypatch.setattr(shards_mod, "_map", counted("open", shards_mod._map))
+    monkeypatch.setattr(index, "parse_index", counted("parse", index.parse_index))
+    monkeypatch.setattr(shard_set, "read_recorded_stats", counted("open", shard_set.read_recorded_stats))
+    monkeypatch.setattr(shard_file, "_map", counted("open", shard_file._map))
     for mode in ("concat", "sentence"):
         calls.update(stat=0, glob=0, scandir=0, parse=0, open=0)
         shard_stats.clear()
@@ -238,16 +240,16 @@ def test_start_up_stats_no_shard_and_parses_the_index_once(tmp_path, monkeypatch
 def test_index_columns_mirror_index_json_and_yield_to_a_changed_one(folder):
     """make_shards writes index.json's shard entries as columns too (index.feather): read instead of parsing the JSON
     (the same counts), and ignored once index.json no longer is the one they mirror."""
-    from lvm.data import shards as shards_mod
+    from lvm.data.shards import index
 
     files = sorted(folder.glob("*.arrow"))
     write_index(folder.parent, files)
-    from_json = shards_mod.parse_index(folder.parent / "index.json")
-    shards_mod.write_index_table(folder.parent / "index.json", json.loads((folder.parent / "index.json").read_text())["shards"])
-    assert shards_mod._read_index_table(folder.parent / "index.json") is not None
-    assert shards_mod.parse_index(folder.parent / "index.json") == from_json
+    from_json = index.parse_index(folder.parent / "index.json")
+    index.write_index_table(folder.parent / "index.json", json.loads((folder.parent / "index.json").read_text())["shards"])
+    assert index._read_index_table(folder.parent / "index.json") is not None
+    assert index.parse_index(folder.parent / "index.json") == from_json
     a = open_shards(folder)
     assert len(a) == 18 and a.kind_counts.sum() == 18 and not list(folder.glob("index*"))
     write_index(folder.parent, files[:2])  # index.json written again: the columns mirror the old one
-    assert shards_mod._read_index_table(folder.parent / "index.json") is None
-    assert set(next(iter(shards_mod.parse_index(folder.parent / "index.json").values()))) == {f.name for f in files[:2]}
+    assert index._read_index_table(folder.parent / "index.json") is None
+    assert set(next(iter(index.parse_index(folder.parent / "index.json").values()))) == {f.name for f in files[:2]}

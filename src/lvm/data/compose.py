@@ -50,7 +50,7 @@ from lvm.data.offline.writer import (
     write_index,
     write_part,
 )
-from lvm.data.shards import SPLITS, atomic_write_text
+from lvm.data.shards.format import SPLITS, atomic_write_text
 from lvm.data.store import PALETTES, Store, StoreError, open_store
 from lvm.model.vocab import TOKENS_PER_IMAGE
 

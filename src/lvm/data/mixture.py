@@ -1,6 +1,6 @@
 """Weighted mixtures of sources and the rank-sharded loader over them.
 
-Each source (a folder of shards, `lvm.data.packing.SourceWindows`) is its own deterministic stream
+Each source (a folder of shards, `lvm.data.windows.source.SourceWindows`) is its own deterministic stream
 of windows with its own epochs. Global window g of the run is drawn from one source by a fixed,
 periodic schedule: the weights are apportioned into integer counts n_s over a period of
 `PERIOD` windows (each source at least one), and the period lists the windows (s, t), t < n_s, in
@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from lvm.data.packing import Batch, SourceWindows
+from lvm.data.windows.batch import Batch
+from lvm.data.windows.source import SourceWindows
 
 PERIOD = 1 << 16
 # The order and the inputs of the windows. Unchanged when windows gained the target of their last position

@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lvm.data.shards import KINDS, ShardSet
+from lvm.data.shards.format import KINDS
+from lvm.data.shards.shard_set import ShardSet
 from lvm.model.vocab import IGNORE_INDEX, PAD_ID, TOKENS_PER_IMAGE, frame
 
 SEQUENTIAL_KINDS = ("video", "sequence")

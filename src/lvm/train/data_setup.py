@@ -4,7 +4,7 @@ A source is a `--data` folder: a make_shards output folder (its `train/`, and `v
 or a folder of `*.arrow` files (validation from `../val` when that exists). Every source of a mixture
 must come from the same tokenizer (tokenizer.json in the folder or its parent; `lvm.artifacts` says what
 "the same" is). Opening a source reads counts (index.json, parsed once per source, or shard metadata), not
-tokens, unless `--verify-data`, and stats no shard (`lvm.data.shards.open_shards`).
+tokens, unless `--verify-data`, and stats no shard (`lvm.data.shards.shard_set.open_shards`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 from lvm.artifacts import TokenizerRecord
 from lvm.data.mixture import MixtureWindows
-from lvm.data.packing import SourceWindows
-from lvm.data.shards import ShardError, ShardSet, open_shards
+from lvm.data.shards.format import ShardError
+from lvm.data.shards.shard_set import ShardSet, open_shards
+from lvm.data.windows.source import SourceWindows
 from lvm.model.vocab import CODEBOOK_SIZE, TOKENS_PER_IMAGE
 
 

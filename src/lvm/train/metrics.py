@@ -157,7 +157,7 @@ class Throughput:
 def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL sum and target count of each window (float64), one window at a time (bounded memory).
 
-    `targets` are already shifted (`lvm.data.packing.Batch.targets`): logits[b, t] is scored against
+    `targets` are already shifted (`lvm.data.windows.batch.Batch.targets`): logits[b, t] is scored against
     targets[b, t], every position, as the model's own loss does with `shift_labels`."""
     sums, counts = [], []
     for b in range(logits.shape[0]):

@@ -8,8 +8,8 @@ from contextlib import closing
 import torch
 import torch.distributed as dist
 
-from lvm.data.packing import causal_lm_loss
-from lvm.data.shards import ShardError
+from lvm.data.shards.format import ShardError
+from lvm.data.windows.batch import causal_lm_loss
 from lvm.model.attention import packed_attention_kwargs
 from lvm.model.vocab import PAD_ID
 from lvm.train import bad_steps

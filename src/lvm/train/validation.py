@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lvm.data.shards import ShardSet
+from lvm.data.shards.shard_set import ShardSet
 from lvm.eval.perplexity import Sums, score
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from lvm.data.offline.sources.manifest import DEFAULT_MAX_IMAGES
 from lvm.data.offline.units import DEFAULT_PART_BYTES
-from lvm.data.shards import KINDS
+from lvm.data.shards.format import KINDS
 from lvm.tokenizer import parse_spec
 from lvm.tokenizer.preprocess import RESIZE_MODES
 

@@ -19,7 +19,7 @@ from lvm.data.offline.decode import decoded_stream
 from lvm.data.offline.sources import Skip
 from lvm.data.offline.units import Unit
 from lvm.data.offline.writer import is_val
-from lvm.data.shards import temp_path
+from lvm.data.shards.format import temp_path
 from lvm.tokenizer import load_tokenizer, parse_spec
 from lvm.tokenizer.patch_kmeans import PatchKMeansTokenizer
 

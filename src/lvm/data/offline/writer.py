@@ -23,7 +23,8 @@ import shutil
 from pathlib import Path
 
 from lvm.data.offline.units import Unit
-from lvm.data.shards import SPLITS, atomic_write_text, read_recorded_stats, write_index_table, write_shard
+from lvm.data.shards.format import SPLITS, atomic_write_text, read_recorded_stats, write_shard
+from lvm.data.shards.index import write_index_table
 from lvm.model.vocab import TOKENS_PER_IMAGE
 
 PARTS = ".parts"

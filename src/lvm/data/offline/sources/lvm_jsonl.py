@@ -25,7 +25,7 @@ import numpy as np
 from lvm.artifacts import TokenizerRecord, resolve_spec
 from lvm.data.offline.sources import Skip
 from lvm.data.offline.units import Unit, read_lines
-from lvm.data.shards import SPLITS, ShardError, atomic_write_text, read_shard, temp_path
+from lvm.data.shards.format import SPLITS, ShardError, atomic_write_text, read_shard, temp_path
 from lvm.model.vocab import CODEBOOK_SIZE, IMAGE_SIZE, TOKENS_PER_IMAGE
 from lvm.tokenizer import load_tokenizer, parse_spec
 

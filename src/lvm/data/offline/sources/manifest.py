@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lvm.data.offline.sources import Skip
 from lvm.data.offline.units import Unit, read_lines
-from lvm.data.shards import KINDS
+from lvm.data.shards.format import KINDS
 
 DEFAULT_MAX_IMAGES = 16
 

@@ -2,8 +2,8 @@
 
 Every sentence becomes `[BOS] tokens [EOS]`. A window is `seq_len` input positions and, for each,
 its target: the token that follows it (`targets[t]` is predicted from positions <= t; already shifted,
-so the loss does no shift of its own, see `Batch.model_inputs`), or IGNORE_INDEX where nothing is to be
-predicted. Two ways to fill the windows:
+so the loss does no shift of its own, see `lvm.data.windows.batch.Batch.model_inputs`), or IGNORE_INDEX
+where nothing is to be predicted. Two ways to fill the windows:
 
 - `concat` (default, as LVM/EasyLM): per epoch, the sentences in a seeded shuffled order are
   concatenated into one stream that is cut into windows; the remainder of an epoch is dropped. Window p
@@ -49,177 +49,24 @@ per epoch, so chunks are regrouped every epoch. Each chunk keeps its shards' lay
 cache, so per-rank memory is O(shards) + O(chunk's shards' layouts) whatever the corpus size.
 """
 
+
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
-from functools import lru_cache
+from collections import OrderedDict
 
 import numpy as np
-import torch
 
-from lvm.data.shards import ShardError, ShardSet, read_in_threads
+from lvm.data.shards.format import ShardError
+from lvm.data.shards.shard_set import ShardSet, read_in_threads
+from lvm.data.windows.binpack import bin_types, n_bins
+from lvm.data.windows.order import feistel, mix64, seeded_rng
 from lvm.model.vocab import BOS_ID, IGNORE_INDEX, PAD_ID, frame
 
 PACKING_MODES = ("concat", "sentence")
 BLOCK_SENTENCES = 8192        # concat: sentences shuffled together inside a shard
 CHUNK_SHARDS = 16             # read order is random inside chunks of the epoch spanning about this many shards
 LAYOUT_SENTENCES = 1 << 22    # sentence mode: a chunk spans at most this many sentences (bounds the layouts held)
-M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
-
-
-def mix64(*words: int) -> int:
-    h = 0x243F6A8885A308D3
-    for w in words:
-        h = _splitmix64(h ^ (int(w) & M64))
-    return h
-
-
-def feistel(i: int, n: int, key: int, rounds: int = 4) -> int:
-    """Position i of a keyed pseudo-random permutation of range(n): a balanced Feistel network on
-    the smallest even-bit domain >= n, cycle-walking until the value falls inside range(n)."""
-    if not 0 <= i < n:
-        raise IndexError(f"{i} outside range({n})")
-    if n <= 2:
-        return i if n == 1 or (key & 1) == 0 else 1 - i
-    half = ((n - 1).bit_length() + 1) // 2
-    mask = (1 << half) - 1
-    x = i
-    while True:
-        left, right = x >> half, x & mask
-        for r in range(rounds):
-            left, right = right, left ^ (_splitmix64(key ^ (r << 58) ^ right) & mask)
-        x = (left << half) | right
-        if x < n:
-            return x
-
-
-def seeded_rng(*words: int) -> np.random.Generator:
-    return np.random.default_rng([int(w) for w in words])
-
-
-def best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing of sentences (ids from `order`), one item at a time.
-
-    The reference for `bin_types` (which packs by length counts) in the tests."""
-    import bisect
-
-    by_len = sorted(order.tolist(), key=lambda i: -min(int(lengths[i]), capacity))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []
-    for i in by_len:
-        need = min(int(lengths[i]), capacity)
-        k = bisect.bisect_left(free, (need, -1))
-        if k < len(free):
-            room, b = free.pop(k)
-            bins[b].append(i)
-            if room - need > 0:
-                bisect.insort(free, (room - need, b))
-        else:
-            bins.append([i])
-            if capacity - need > 0:
-                bisect.insort(free, (capacity - need, len(bins) - 1))
-    return bins
-
-
-def bin_types(length_counts: dict[int, int], capacity: int) -> tuple[list[int], list[tuple[int, ...]], list[int]]:
-    """Best-fit decreasing over a multiset of lengths given as {length: count}, in bulk.
-
-    Items of equal length are interchangeable, so BFD needs only the counts: returns (class lengths,
-    descending; bin compositions as counts per class; how many bins have each composition). The number
-    of bins equals item-by-item BFD's. Items longer than `capacity` count as `capacity`."""
-    counts: dict[int, int] = defaultdict(int)
-    for length, c in length_counts.items():
-        if c:
-            counts[min(int(length), capacity)] += int(c)
-    lens = sorted(counts, reverse=True)
-    k = len(lens)
-    groups: dict[tuple[int, tuple[int, ...]], int] = {}  # (room, composition) -> bins
-
-    def add(room: int, comp: tuple[int, ...], n: int) -> None:
-        groups[(room, comp)] = groups.get((room, comp), 0) + n
-
-    def plus(comp: tuple[int, ...], ci: int, m: int) -> tuple[int, ...]:
-        return comp[:ci] + (comp[ci] + m,) + comp[ci + 1 :]
-
-    empty = (0,) * k
-    for ci, length in enumerate(lens):
-        c = counts[length]
-        while c > 0:
-            fits = [key for key in groups if key[0] >= length]
-            if not fits:  # new bins, each filled with as many as fit
-                m = capacity // length
-                full, rest = divmod(c, m)
-                if full:
-                    add(capacity - m * length, plus(empty, ci, m), full)
-                if rest:
-                    add(capacity - rest * length, plus(empty, ci, rest), 1)
-                break
-            key = min(fits)  # best fit: the smallest room that holds it
-            room, comp = key
-            nb = groups.pop(key)
-            m = room // length  # a bin keeps taking items while they fit: it stays the best fit
-            full = min(nb, c // m)
-            if full:
-                add(room - m * length, plus(comp, ci, m), full)
-                c -= full * m
-                nb -= full
-            if nb and 0 < c < m:
-                add(room - c * length, plus(comp, ci, c), 1)
-                nb -= 1
-                c = 0
-            if nb:
-                add(room, comp, nb)
-    types = sorted(groups.items(), key=lambda kv: kv[0][1], reverse=True)
-    return lens, [comp for (_, comp), _ in types], [n for _, n in types]
-
-
-@lru_cache(maxsize=4096)
-def n_bins(length_counts: tuple[tuple[int, int], ...], capacity: int) -> int:
-    """Windows best-fit packing makes of these (length, count) pairs (shards alike share the answer)."""
-    return sum(bin_types(dict(length_counts), capacity)[2])
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    targets: torch.Tensor  # targets[b, t]: the token position t predicts (already shifted), or IGNORE_INDEX
-    position_ids: torch.Tensor | None = None
-    sources: torch.Tensor | None = None  # source index of each window (a mixture's)
-
-    def model_inputs(self, device: torch.device | str | None = None) -> dict:
-        """Keyword arguments of LlamaForCausalLM (on `device`, each tensor moved once).
-
-        The targets go in once, as `shift_labels`: used as given (never shifted by one) by transformers'
-        causal-LM loss (`ForCausalLMLoss`) and by Liger's forward, whose fused linear cross-entropy computes
-        the loss from them alone. No `labels`: transformers would shift those. `causal_lm_loss` gives the
-        loss of the output: the mean over every position with a target, seq_len per concat window."""
-        def move(t):
-            return t if device is None else t.to(device, non_blocking=True)
-
-        d = {"input_ids": move(self.input_ids), "shift_labels": move(self.targets)}
-        if self.position_ids is not None:
-            d["position_ids"] = move(self.position_ids)
-        return d
-
-
-def causal_lm_loss(model, out, shift_labels: torch.Tensor) -> torch.Tensor:
-    """The loss of a forward of `model` (a LlamaForCausalLM, or the DeepSpeed engine around one) given
-    `Batch.model_inputs`: its own where the forward computed one from shift_labels (Liger's), else the model's
-    `loss_function` (transformers' ForCausalLMLoss) over the logits and shift_labels as given: transformers'
-    LlamaForCausalLM.forward computes a loss only when `labels` is passed."""
-    if out.loss is not None:
-        return out.loss
-    module = getattr(model, "module", model)  # the engine's model
-    return module.loss_function(logits=out.logits, labels=None, shift_labels=shift_labels, vocab_size=module.config.vocab_size)
 
 
 class _LRU(OrderedDict):
