@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's CPU ops are compiled on first use into torch's extension cache. The default cache is one per user, so two
+# checkouts with their own virtual environments on one machine rebuild the ops in turn (the build records the include
+# paths of its venv) and every run waits for the other's build: one cache per venv.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 REPO = Path(__file__).resolve().parents[1]
 
 
