@@ -40,7 +40,7 @@ def lvm_folder(tmp_path_factory):
 
 
 def assert_same_weights(run, want):
-    model, _, _ = load_fp32_model(run)
+    model = load_fp32_model(run)
     got = model.state_dict()
     assert set(want) <= set(got)
     for k, v in want.items():

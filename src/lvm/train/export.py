@@ -10,11 +10,12 @@ import torch
 from lvm.artifacts import EXPORT_TOKENIZER, Artifact, locate
 
 
-def load_fp32_model(found: Artifact):
-    """A LlamaForCausalLM with the consolidated fp32 weights (CPU) of the checkpoint `found` names."""
+def load_fp32_model(found: str | Path | Artifact):
+    """A LlamaForCausalLM with the consolidated fp32 weights (CPU) of the checkpoint a path names (`locate`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    found = found if isinstance(found, Artifact) else locate(found)
     ckpt_dir, tag = found.checkpoint()
     cfg = LlamaConfig.from_dict(found.config())
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

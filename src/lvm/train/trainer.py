@@ -1,5 +1,5 @@
 """The pretraining run: its components (`lvm.train.components`), one optimizer step (`train_step`), and the
-loop that steps, logs, validates and checkpoints until --max-steps or a stop signal (`_train`)."""
+loop that steps, logs, validates and checkpoints until --max-steps or a stop signal (`loop`)."""
 
 from __future__ import annotations
 
