@@ -28,8 +28,9 @@ from common import print_table  # noqa: E402
 
 from lvm.model.presets import PRESETS, count_parameters, model_shape  # noqa: E402
 from lvm.plan.apply import ds_config  # noqa: E402
-from lvm.plan.memory import GiB, Setting, largest_layer_params, model_states, optimizer_state_bytes  # noqa: E402
+from lvm.plan.model_states import largest_layer_params, model_states, optimizer_state_bytes  # noqa: E402
 from lvm.plan.search import Plan, Request, evaluate, fit_buckets, search  # noqa: E402
+from lvm.plan.setting import GiB, Setting  # noqa: E402
 from lvm.train.optimizers import OPTIMIZERS  # noqa: E402
 
 GPU_MODEL, GPU_SEQ, GPU_STEPS = "300m", 4096, 4

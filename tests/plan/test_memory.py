@@ -4,14 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lvm.plan.memory import (
-    DTYPE_BYTES,
-    Setting,
-    activation_bytes,
-    backward_peak_bytes,
-    mask_bytes,
-    model_states,
-)
+from lvm.plan.activations import activation_bytes, backward_peak_bytes, mask_bytes
+from lvm.plan.model_states import model_states
+from lvm.plan.setting import DTYPE_BYTES, Setting
 
 
 def small_configs():
@@ -172,7 +167,8 @@ def test_bf16_under_zero_plans_the_fp32_gradient_buffers():
     gradient buffer on every rank beside the bf16 gradients, and an all-reduce copy at the boundary; ZeRO-2 keeps
     only this rank's fp32 partition. A ds_config that accumulates in bf16 keeps DeepSpeed's classic accounting."""
     from lvm.model.presets import count_parameters, model_shape
-    from lvm.plan.memory import breakdown, largest_layer_params
+    from lvm.plan.memory import breakdown
+    from lvm.plan.model_states import largest_layer_params
 
     cfg = model_shape("1b")
     n = count_parameters(cfg)

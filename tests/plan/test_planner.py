@@ -9,8 +9,8 @@ import torch
 
 from lvm.model.presets import model_shape
 from lvm.plan.apply import ds_config
-from lvm.plan.memory import GiB
 from lvm.plan.search import PlanError, Request, search
+from lvm.plan.setting import GiB
 from lvm.train.ds_config import resolve
 from lvm.train.options import RunOptions
 

@@ -56,7 +56,7 @@ def grad_bytes(zero_opt, model) -> int:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """The trainer's two groups: weights with decay; norms and biases without (lvm.plan.memory.no_decay_params)."""
+    """The trainer's two groups: weights with decay; norms and biases without (lvm.plan.model_states.no_decay_params)."""
     plain = [p for n, p in model.named_parameters() if "norm" in n or n.endswith(".bias")]
     decay = [p for n, p in model.named_parameters() if not ("norm" in n or n.endswith(".bias"))]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]

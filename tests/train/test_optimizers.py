@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lvm.model.presets import model_shape
-from lvm.plan.memory import DTYPE_BYTES, Setting, model_states, optimizer_state_bytes, zero3_live_params
+from lvm.plan.model_states import model_states, optimizer_state_bytes, zero3_live_params
+from lvm.plan.setting import DTYPE_BYTES, Setting
 from lvm.train.ds_config import ConfigError, resolve
 from lvm.train.optimizers import OptimizerError, check, make_optimizer, state_bytes_per_param
 from lvm.train.options import RunOptions

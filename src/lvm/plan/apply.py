@@ -7,8 +7,8 @@ import copy
 import json
 from pathlib import Path
 
-from lvm.plan.memory import Setting
 from lvm.plan.search import Plan, PlanError, Request, search
+from lvm.plan.setting import Setting
 from lvm.train.optimizers import DS_TYPES
 
 

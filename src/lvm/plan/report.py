@@ -7,8 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lvm.model.presets import count_parameters
-from lvm.plan.memory import Breakdown, GiB, Setting
+from lvm.plan.memory import Breakdown
 from lvm.plan.search import Plan, Request
+from lvm.plan.setting import GiB, Setting
 
 
 def report(plan: Plan, req: Request) -> dict:

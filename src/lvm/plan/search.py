@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lvm.model.presets import ModelShape, count_parameters
-from lvm.plan.memory import DS_DEFAULT_LIVE, Breakdown, GiB, Setting, breakdown, expandable_segments_from_env
+from lvm.plan.memory import Breakdown, breakdown
+from lvm.plan.setting import DS_DEFAULT_LIVE, GiB, Setting, expandable_segments_from_env
 from lvm.train.optimizers import OPTIMIZERS
 
 
