@@ -1,7 +1,8 @@
 """Learning-rate schedules, set in steps that do not move when a run is cut into jobs.
 
 - `cosine` (LVM): linear warmup to the peak over `warmup` steps, cosine decay to `min_lr` at
-  `decay_steps`, then `min_lr`. LVM-7B: 8k warmup, cosine over 288k of 400k steps.
+  `decay_steps`, then `min_lr`. LVM-7B (configs/lvm-7b.yaml): 8k warmup, cosine to step 288k,
+  the run ending at step 100k (400k batches of 32 sequences, 4 per optimizer step).
 - `wsd` (warmup-stable-decay): warmup, the peak until the last `decay_fraction` of `decay_steps`,
   then a linear decay to `min_lr` at `decay_steps`, then `min_lr`.
 - `constant`: warmup, then the peak.
