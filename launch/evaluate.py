@@ -69,8 +69,8 @@ def prompts_main(a, env, device) -> int:
     """--prompts: each rank scores every world-th line; rank 0 writes the results of all, in the file's order."""
     from tqdm import tqdm
 
+    from lvm.artifacts import locate
     from lvm.data.shards.format import atomic_write_text
-    from lvm.eval.model_io import model_window
     from lvm.eval.prompts import (
         ImageCodes,
         read_prompts,
@@ -84,7 +84,7 @@ def prompts_main(a, env, device) -> int:
         if a.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         lines = read_prompts(a.prompts, "evaluate", a.base)
-        model_window(a.checkpoint)  # a path that names no model stops here, before any image is read
+        locate(a.checkpoint).window()  # a path that names no model stops here, before any image is read
         tok, resize = tokenizer_for(a.checkpoint, a.tokenizer, device)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -145,9 +145,10 @@ def main(argv=None) -> int:
     if a.data and (a.base or a.tokenizer):
         p.error("--base and --tokenizer go with --prompts (shards carry their tokenizer)")
 
+    from lvm.artifacts import TokenizerRecord, locate
     from lvm.data.shards.format import ShardError
     from lvm.data.shards.shard_set import load_sentences
-    from lvm.eval.model_io import ModelLoadError, model_tokenizer_info, run_folder, tokenizer_mismatch
+    from lvm.eval.model_io import ModelLoadError
     from lvm.eval.perplexity import Sums, plot, results, score
     from lvm.launch_env import launch_env, local_device
     from lvm.train.data_setup import check_tokenizer
@@ -161,10 +162,11 @@ def main(argv=None) -> int:
             raise ValueError("--batch-size must be >= 1")
         folders = data_folders(a.data, a.split)
         tables = [load_sentences(f) for f in folders]
-        model_info = model_tokenizer_info(a.checkpoint)
+        model_info = locate(a.checkpoint).tokenizer_info()  # None when the model records no tokenizer
         for f in folders:
             shard_info = check_tokenizer(f, None)
-            why = tokenizer_mismatch(model_info, shard_info)
+            why = model_info and TokenizerRecord.from_info(shard_info).mismatch(TokenizerRecord.from_info(model_info),
+                                                                                "the model's")
             if why:
                 raise ValueError(f"--data {f} was made by tokenizer {shard_info.get('spec_resolved')}, but the model was "
                                  f"trained on tokens of {model_info.get('spec_resolved') or model_info.get('spec')} ({why}): "
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(res, indent=2))
     os.replace(tmp, out / "eval.json")
     plot(res, out / "context_frames.png")
-    run = run_folder(a.checkpoint)
+    run = locate(a.checkpoint).run_dir
     if run is not None:
         from torch.utils.tensorboard import SummaryWriter
 

@@ -34,8 +34,9 @@ import torch
 def prompts_main(a) -> int:
     from tqdm import tqdm
 
+    from lvm.artifacts import locate
     from lvm.eval.generate import PromptError, Sampling, prompt_room
-    from lvm.eval.model_io import ModelLoadError, load_model, model_window
+    from lvm.eval.model_io import ModelLoadError, load_model
     from lvm.eval.prompts import ImageCodes, generate_prompts, read_prompts, tokenizer_for, write_results
 
     try:
@@ -44,7 +45,7 @@ def prompts_main(a) -> int:
         if a.truth:
             raise PromptError("--truth goes with --prompt or --unconditional, not --prompts")
         lines = read_prompts(a.prompts, "generate", a.base, a.out)
-        prompt_room(model_window(a.checkpoint), a.n_images)  # checked before any weights are read
+        prompt_room(locate(a.checkpoint).window(), a.n_images)  # checked before any weights are read
         tok, resize = tokenizer_for(a.checkpoint, a.tokenizer)
         model, _ = load_model(a.checkpoint)
     except (PromptError, ModelLoadError, OSError, ValueError) as e:
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
 
     def write_json(path, obj):
         atomic_write_text(path, json.dumps(obj, indent=2))
-    from lvm.eval.model_io import ModelLoadError, load_model, model_window
+    from lvm.artifacts import locate
+    from lvm.eval.model_io import ModelLoadError, load_model
     from lvm.eval.prompts import tokenizer_for
     from lvm.tokenizer.preprocess import SourceError, load_image, to_pixels
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
                 raise PromptError(f"--truth image {path}: {e}") from None
         if truth and len(truth) != a.n_images:
             raise PromptError(f"--truth gives {len(truth)} image(s) for --n-images {a.n_images}")
-        prompt_room(model_window(a.checkpoint), a.n_images)  # checked before any weights are read
+        prompt_room(locate(a.checkpoint).window(), a.n_images)  # checked before any weights are read
         tok, _ = tokenizer_for(a.checkpoint, a.tokenizer)
         model, _ = load_model(a.checkpoint)
         codes = tok.encode(to_pixels(np.stack(frames))) if frames else torch.zeros(0, tok.tokens_per_image, dtype=torch.long)

@@ -39,7 +39,6 @@ def made(tmp_path_factory):
 
 def test_sources_of_one_tokenizer_spelled_differently_train_together(made, tmp_path, monkeypatch):
     from lvm.artifacts import TokenizerRecord
-    from lvm.eval.model_io import tokenizer_mismatch
     from lvm.train.data_setup import check_tokenizer, resolve_sources
 
     monkeypatch.chdir(tmp_path)  # somewhere else: nothing may depend on the folder make_shards ran in
@@ -49,7 +48,7 @@ def test_sources_of_one_tokenizer_spelled_differently_train_together(made, tmp_p
     assert [s.name for s in sources] == ["A", "B", "C"]
     assert info["spec_resolved"] == f"patch-kmeans:{(a / 'tokenizer').resolve()}"
     for shards in (b, c):  # generation and evaluation: the same tokenizer, and it loads
-        assert tokenizer_mismatch(info, check_tokenizer(shards / "train", None)) is None
+        assert TokenizerRecord.from_info(check_tokenizer(shards / "train", None)).mismatch(TokenizerRecord.from_info(info)) is None
         tok = TokenizerRecord.from_shards(shards / "train").load()
         assert tok.centroids.equal(TokenizerRecord.from_shards(a / "train").load().centroids)
 

@@ -21,9 +21,6 @@ class ModelLoadError(ValueError):
     pass
 
 
-def model_window(path: str | Path) -> int:
-    """The model's context window from its config alone (no weights are read)."""
-    return locate(path).window()
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -32,20 +29,8 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def model_tokenizer_info(path: str | Path) -> dict | None:
-    """What made the tokens the model was trained on (tokenizer.json of its run, lvm_tokenizer.json of an
-    export), read without loading any weights; None when the model does not record it."""
-    return locate(path).tokenizer_info()
 
 
-def tokenizer_mismatch(model_info: dict | None, shard_info: dict) -> str | None:
-    """Why tokens made by `shard_info`'s tokenizer are not the model's vocabulary, or None when they are the same
-    tokenizer (`lvm.artifacts.TokenizerRecord.mismatch`) or the model records no tokenizer."""
-    from lvm.artifacts import TokenizerRecord
-
-    if model_info is None:
-        return None
-    return TokenizerRecord.from_info(shard_info).mismatch(TokenizerRecord.from_info(model_info), "the model's")
 
 
 def _cast_parameters(model, device: torch.device, dtype: torch.dtype) -> None:
@@ -132,7 +117,3 @@ def load_model(path: str | Path, device: torch.device | None = None, attention: 
     model.set_attn_implementation(impl)
     return model.eval(), info
 
-
-def run_folder(path: str | Path) -> Path | None:
-    """The training run folder behind a checkpoint path, if there is one (for TensorBoard)."""
-    return locate(path).run_dir

@@ -89,10 +89,6 @@ def check_tokenizer(train: Path, val: Path | None) -> dict:
     return {**record.with_digest().to_info(), "spec_resolved": record.spec}
 
 
-def same_tokenizer(a: dict, b: dict) -> bool:
-    """Whether two records (tokenizer.json contents with absolute folders, as `check_tokenizer` returns them) are
-    the same tokenizer: `lvm.artifacts.TokenizerRecord.compatible`."""
-    return TokenizerRecord.from_info(a).compatible(TokenizerRecord.from_info(b))
 
 
 def resolve_sources(data: list[str], val_data: list[str] | None) -> tuple[list[Source], dict]:
