@@ -148,7 +148,7 @@ def model_config(opts, given: set[str]):
                 if getattr(preset, k) != getattr(cfg, k)]
         if diff:
             raise InitError(f"--model {opts.model} and --init-from {opts.init_from} disagree ({', '.join(diff)}): "
-                            "omit --model to take the folder's architecture")
+                            "omit --model (or drop `model` from the --config recipe) to take the folder's architecture")
     else:
         opts.model = str(Path(opts.init_from) / "config.json")
     check_weights(opts.init_from, cfg)

@@ -8,7 +8,7 @@
 | adamw8bit | bitsandbytes.optim.AdamW8bit, a client optimizer        | m, v in uint8 (1 B each) + one fp32 absmax per block of 256 values each: 2 + 8/256 B; a tensor under 4096 values keeps 32-bit state (8 B) |
 
 Under ZeRO the optimizer steps on the fp32 master partition DeepSpeed keeps (4 B per parameter, over the
-data-parallel ranks), so these bytes come on top of it; `lvm.plan.memory` does that arithmetic and
+data-parallel ranks), so these bytes come on top of it; `lvm.plan.model_states` does that arithmetic and
 tests/train/test_optimizers.py checks it against the state tensors of real DeepSpeed engines.
 
 AdamW and Lion are named in the ds_config's "optimizer" section (types "AdamW", "Lion") and built by
