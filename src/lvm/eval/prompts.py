@@ -157,9 +157,22 @@ class ImageCodes:
         self.pool.shutdown()
 
 
-def _batches(lines: list, batch_size: int) -> Iterator[list]:
+def _decoded_batches(lines: list, batch_size: int, images, bad: Callable[[BadLine], None]) -> Iterator[tuple[int, list]]:
+    """Per batch of `batch_size` lines: its size and [(line, images.lines() of it)] for the lines that parsed and
+    whose images decoded; every other line goes to `bad`, in file order within the batch."""
     for i in range(0, len(lines), batch_size):
-        yield lines[i : i + batch_size]
+        batch = lines[i : i + batch_size]
+        for b in batch:
+            if isinstance(b, BadLine):
+                bad(b)
+        good = [ln for ln in batch if isinstance(ln, PromptLine)]
+        decoded = []
+        for ln, got in zip(good, images.lines(good), strict=True):
+            if isinstance(got, str):
+                bad(BadLine(ln.number, got))
+            else:
+                decoded.append((ln, got))
+        yield len(batch), decoded
 
 
 def _ordered(results: dict[int, dict]) -> list[dict]:
@@ -180,17 +193,9 @@ def score_prompts(model, images: ImageCodes, lines: list[PromptLine | BadLine], 
             on_bad(b)
 
     bar = tqdm(total=len(lines), unit="line", desc="eval", disable=not progress)
-    for batch in _batches(lines, batch_size):
-        for b in batch:
-            if isinstance(b, BadLine):
-                bad(b)
-        good = [ln for ln in batch if isinstance(ln, PromptLine)]
+    for n_lines, decoded in _decoded_batches(lines, batch_size, images, bad):
         todo = []
-        for ln, got in zip(good, images.lines(good), strict=True):
-            if isinstance(got, str):
-                bad(BadLine(ln.number, got))
-                continue
-            inputs, targets = got
+        for ln, (inputs, targets) in decoded:
             if targets.numel() > window:
                 bad(BadLine(ln.number, f"{len(targets)} target images ({targets.numel()} tokens) do not fit the "
                                        f"model's window of {window} tokens"))
@@ -206,7 +211,7 @@ def score_prompts(model, images: ImageCodes, lines: list[PromptLine | BadLine], 
                 results[ln.number] = {"line": ln.number, "perplexity": math.exp(tgt.mean()), "nll": float(tgt.sum()),
                                       "tokens": n, "target_perplexities": [math.exp(x) for x in per_image],
                                       "inputs_used": keep, "inputs_dropped": dropped}
-        bar.update(len(batch))
+        bar.update(n_lines)
     bar.close()
     return _ordered(results)
 
@@ -258,16 +263,9 @@ def generate_prompts(model, images: ImageCodes, lines: list[PromptLine | BadLine
             on_bad(b)
 
     bar = tqdm(total=len(lines), unit="line", desc="generate", disable=not progress)
-    for batch in _batches(lines, batch_size):
-        for b in batch:
-            if isinstance(b, BadLine):
-                bad(b)
-        good = [ln for ln in batch if isinstance(ln, PromptLine)]
+    for n_lines, decoded in _decoded_batches(lines, batch_size, images, bad):
         groups: dict[int, list] = {}
-        for ln, got in zip(good, images.lines(good), strict=True):
-            if isinstance(got, str):
-                bad(BadLine(ln.number, got))
-                continue
+        for ln, got in decoded:
             inputs = got[0]
             keep = min(len(inputs), room)
             groups.setdefault(keep, []).append((ln, inputs[len(inputs) - keep :], len(inputs) - keep))
@@ -287,7 +285,7 @@ def generate_prompts(model, images: ImageCodes, lines: list[PromptLine | BadLine
                     continue
                 results[ln.number] = {"line": ln.number, "output": str(ln.output), "candidates": [str(p) for p in paths],
                                       "inputs_used": keep, "inputs_dropped": dropped}
-        bar.update(len(batch))
+        bar.update(n_lines)
     bar.close()
     return _ordered(results)
 
