@@ -158,10 +158,10 @@ def test_save_every_minutes(train_shards, tmp_path):
     env = {**ENV, "MASTER_PORT": str(free_port())}
     r = subprocess.run([sys.executable, PRETRAIN, *base_args(train_shards, run, "--ds_config", "ds_configs/zero2.json",
                                                              "--max-steps", "8", "--save-every", "1000", "--keep-last", "100",
-                                                             "--save-every-minutes", "0.002")],
+                                                             "--save-every-minutes", "0.001")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    timed = [x for x in r.stdout.splitlines() if "(0.002 minutes since the last checkpoint)" in x]
+    timed = [x for x in r.stdout.splitlines() if "(0.001 minutes since the last checkpoint)" in x]
     tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert timed and len(tags) == len(timed) + 1 and tags[-1] == "step_00000008"  # + the one at the end
 
